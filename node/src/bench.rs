@@ -1,0 +1,188 @@
+//! `dsys bench rpc`: request/response latency and throughput of the runtime's RPC between two
+//! in-process nodes over loopback QUIC with mutual TLS, beside a plain length-prefixed TCP
+//! echo over loopback measured in the same run, with the ratio printed.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use dsys_runtime::{init_cluster_certs, ClusterConfig, Node, NodeOptions, SysApi, SysRequest};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Latency summary of one run.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Figures {
+    /// What was measured.
+    pub name: String,
+    /// Concurrent requests in flight.
+    pub concurrency: usize,
+    /// Requests completed.
+    pub requests: u64,
+    /// Requests per second.
+    pub rps: f64,
+    /// Median latency in microseconds.
+    pub p50_us: f64,
+    /// 99th percentile latency in microseconds.
+    pub p99_us: f64,
+}
+
+fn summarize(name: &str, concurrency: usize, mut lat: Vec<Duration>, wall: Duration) -> Figures {
+    lat.sort();
+    let pct = |p: f64| -> f64 {
+        if lat.is_empty() {
+            return f64::NAN;
+        }
+        let i = ((lat.len() as f64 - 1.0) * p).round() as usize;
+        lat[i].as_secs_f64() * 1e6
+    };
+    Figures {
+        name: name.into(),
+        concurrency,
+        requests: lat.len() as u64,
+        rps: lat.len() as f64 / wall.as_secs_f64(),
+        p50_us: pct(0.50),
+        p99_us: pct(0.99),
+    }
+}
+
+/// Run `op` from `concurrency` workers for `duration`, collecting each latency.
+async fn drive<F, Fut>(
+    concurrency: usize,
+    duration: Duration,
+    op: F,
+) -> anyhow::Result<(Vec<Duration>, Duration)>
+where
+    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<()>> + Send,
+{
+    let op = Arc::new(op);
+    let start = Instant::now();
+    let end = start + duration;
+    let mut workers = Vec::new();
+    for w in 0..concurrency {
+        let op = op.clone();
+        workers.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            while Instant::now() < end {
+                let t = Instant::now();
+                op(w).await?;
+                lat.push(t.elapsed());
+            }
+            anyhow::Ok(lat)
+        }));
+    }
+    let mut all = Vec::new();
+    for w in workers {
+        all.extend(w.await??);
+    }
+    Ok((all, start.elapsed()))
+}
+
+async fn tcp_echo(
+    concurrency: usize,
+    duration: Duration,
+    payload: usize,
+) -> anyhow::Result<Figures> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let server = tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let _ = s.set_nodelay(true);
+                let mut buf = Vec::new();
+                loop {
+                    let Ok(n) = s.read_u32().await else { return };
+                    buf.resize(n as usize, 0);
+                    if s.read_exact(&mut buf).await.is_err() {
+                        return;
+                    }
+                    if s.write_u32(n).await.is_err() || s.write_all(&buf).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let mut conns = Vec::new();
+    for _ in 0..concurrency {
+        let s = tokio::net::TcpStream::connect(addr).await?;
+        s.set_nodelay(true)?;
+        conns.push(Arc::new(tokio::sync::Mutex::new(s)));
+    }
+    let conns = Arc::new(conns);
+    let (lat, wall) = drive(concurrency, duration, move |w| {
+        let conns = conns.clone();
+        async move {
+            let mut s = conns[w].lock().await;
+            let body = vec![7u8; payload];
+            s.write_u32(body.len() as u32).await?;
+            s.write_all(&body).await?;
+            let n = s.read_u32().await? as usize;
+            let mut back = vec![0u8; n];
+            s.read_exact(&mut back).await?;
+            Ok(())
+        }
+    })
+    .await?;
+    server.abort();
+    Ok(summarize(
+        "tcp echo (plain, loopback)",
+        concurrency,
+        lat,
+        wall,
+    ))
+}
+
+/// Measure RPC and TCP echo at concurrency 1 and 64; returns the figures.
+pub async fn rpc(duration: Duration, payload: usize) -> anyhow::Result<Vec<Figures>> {
+    let dir = tempfile::tempdir()?;
+    let cfg =
+        ClusterConfig::local_ephemeral(2, &dir.path().join("certs"), &dir.path().join("data"));
+    init_cluster_certs(&cfg.cluster.certs_dir, &["n1".into(), "n2".into()])?;
+    let n1 = Node::start(NodeOptions {
+        config: cfg.clone(),
+        node_id: "n1".into(),
+        plugins: vec![],
+        seed_addrs: vec![],
+    })
+    .await
+    .map_err(anyhow::Error::msg)?;
+    let n2 = Node::start(NodeOptions {
+        config: cfg,
+        node_id: "n2".into(),
+        plugins: vec![],
+        seed_addrs: vec![n1.gossip_addr()],
+    })
+    .await
+    .map_err(anyhow::Error::msg)?;
+    let joined = n1
+        .membership()
+        .wait_for(Duration::from_secs(20), |v| v.alive().len() == 2)
+        .await;
+    anyhow::ensure!(
+        joined,
+        "the two bench nodes did not see each other within 20 s"
+    );
+    let mut out = Vec::new();
+    for c in [1usize, 64] {
+        let rpc = n1.rpc().clone();
+        // Warm the connection up.
+        rpc.call::<SysApi>("n2", &SysRequest::Echo(vec![1; payload]))
+            .await?;
+        let (lat, wall) = drive(c, duration, move |_| {
+            let rpc = rpc.clone();
+            async move {
+                rpc.call::<SysApi>("n2", &SysRequest::Echo(vec![7u8; payload]))
+                    .await
+                    .context("rpc")?;
+                Ok(())
+            }
+        })
+        .await?;
+        out.push(summarize("dsys rpc (QUIC+mTLS)", c, lat, wall));
+        out.push(tcp_echo(c, duration, payload).await?);
+    }
+    n2.kill().await;
+    n1.kill().await;
+    Ok(out)
+}

@@ -1,0 +1,15 @@
+//! dsys-node: the `dsys` binary (agent and CLI). This is the one crate that lists every
+//! plugin; tests use [`plugins`] to start in-process nodes identical to the real ones.
+#![warn(missing_docs, unreachable_pub)]
+
+pub mod bench;
+
+use dsys_runtime::{plugin_factory, PluginFactory};
+
+/// Every plugin a node runs, in start order.
+pub fn plugins() -> Vec<PluginFactory> {
+    vec![
+        plugin_factory::<dsys_plugin_ring::RingPlugin>(),
+        plugin_factory::<dsys_plugin_ratelimit::RatelimitPlugin>(),
+    ]
+}

@@ -1,0 +1,455 @@
+//! `dsys`: `dsys agent --node n1` runs a node; every other command is a client of the cluster.
+//! Exit codes: 0 ok, 1 refused request, 2 usage or configuration error, 3 no node reachable.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use dsys_plugin_ratelimit::{RatelimitApi, RatelimitCommand};
+use dsys_plugin_ring::{RingApi, RingCommand};
+use dsys_runtime::{
+    Api, Client, ClientError, ClusterConfig, ClusterStatus, FaultCommand, Node, NodeOptions,
+    Render, RpcError, SysApi, SysRequest, SysResponse, TlsIdentity,
+};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "dsys",
+    version,
+    about = "A cluster of classic system designs",
+    propagate_version = true
+)]
+struct Cli {
+    /// Node RPC endpoints (host:port, comma-separated); default: $DSYS_ENDPOINTS, then the nodes of --config.
+    #[arg(long, global = true, value_delimiter = ',')]
+    endpoints: Vec<SocketAddr>,
+    /// Cluster file.
+    #[arg(long, global = true, default_value = "cluster.toml")]
+    config: PathBuf,
+    /// Folder with ca.pem and cli.pem/cli.key (default: the cluster file's certs_dir).
+    #[arg(long, global = true, env = "DSYS_CERTS")]
+    certs: Option<PathBuf>,
+    /// Print one JSON document instead of a table.
+    #[arg(long, global = true)]
+    json: bool,
+    /// Deadline of each request.
+    #[arg(long, global = true, default_value = "5s", value_parser = humantime::parse_duration)]
+    timeout: Duration,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Run a node.
+    Agent(AgentArgs),
+    /// Cluster-wide commands.
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
+    /// Consistent hashing ring (design 45).
+    #[command(subcommand)]
+    Ring(RingCommand),
+    /// Global rate limiter (design 7).
+    #[command(subcommand)]
+    Ratelimit(RatelimitCommand),
+    /// Inject faults into the transport and gossip of every node.
+    #[command(subcommand)]
+    Chaos(ChaosCmd),
+    /// Benchmarks that print throughput and p50/p99.
+    #[command(subcommand)]
+    Bench(BenchCmd),
+}
+
+#[derive(clap::Args, Debug)]
+struct AgentArgs {
+    /// Which node of the cluster file this is.
+    #[arg(long)]
+    node: String,
+    /// Override this node's gossip port.
+    #[arg(long)]
+    gossip_port: Option<u16>,
+    /// Override this node's RPC (QUIC) port.
+    #[arg(long)]
+    rpc_port: Option<u16>,
+    /// Override this node's HTTP port.
+    #[arg(long)]
+    http_port: Option<u16>,
+    /// Override this node's data folder.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+enum ClusterCmd {
+    /// Create the cluster CA and a certificate for every node and for the CLI.
+    Init {
+        /// Replace existing certificates (every node must then be restarted).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Members as seen by the first reachable node (or by --endpoints).
+    Status,
+}
+
+#[derive(Subcommand, Debug)]
+enum ChaosCmd {
+    /// Cut the cluster into groups, e.g. `n1,n2 n3,n4,n5`.
+    Partition {
+        /// Comma-separated node ids per group.
+        #[arg(required = true, num_args = 1..)]
+        groups: Vec<String>,
+    },
+    /// Delay every message to or from NODE, e.g. `n1 200ms`.
+    Delay {
+        /// Node id.
+        node: String,
+        /// One-way delay (0 removes it).
+        #[arg(value_parser = humantime::parse_duration)]
+        delay: Duration,
+    },
+    /// Drop a share of the messages to or from NODE, e.g. `n2 0.3`.
+    Drop {
+        /// Node id.
+        node: String,
+        /// Probability 0..1.
+        probability: f64,
+    },
+    /// Remove every fault rule.
+    Heal,
+    /// Show the rules in force on each node.
+    Status,
+}
+
+#[derive(Subcommand, Debug)]
+enum BenchCmd {
+    /// RPC between two in-process nodes beside a plain TCP echo.
+    Rpc {
+        /// Time per measurement.
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        duration: Duration,
+        /// Payload bytes per request.
+        #[arg(long, default_value_t = 64)]
+        payload: usize,
+    },
+}
+
+/// An error with its exit code.
+struct Fail(u8, String);
+
+impl From<ClientError> for Fail {
+    fn from(e: ClientError) -> Self {
+        let code = match &e {
+            ClientError::NoNode(_) => 3,
+            ClientError::Tls(_) => 2,
+            ClientError::Rpc(_) => 1,
+        };
+        Fail(code, e.to_string())
+    }
+}
+
+fn usage(msg: impl Into<String>) -> Fail {
+    Fail(2, msg.into())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: tokio runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(code) => ExitCode::from(code),
+        Err(Fail(code, msg)) => {
+            eprintln!("error: {msg}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+fn load_config(path: &Path) -> Result<ClusterConfig, Fail> {
+    ClusterConfig::load(path).map_err(|e| usage(e.to_string()))
+}
+
+async fn run(cli: Cli) -> Result<u8, Fail> {
+    match &cli.cmd {
+        Cmd::Agent(a) => agent(&cli, a).await,
+        Cmd::Cluster(ClusterCmd::Init { force }) => {
+            let cfg = load_config(&cli.config)?;
+            let dir = cli.certs.clone().unwrap_or(cfg.cluster.certs_dir.clone());
+            if dir.join("ca.pem").exists() && !force {
+                println!(
+                    "certificates already in {} (use --force to replace them)",
+                    dir.display()
+                );
+                return Ok(0);
+            }
+            let ids: Vec<String> = cfg.nodes.keys().cloned().collect();
+            dsys_runtime::init_cluster_certs(&dir, &ids).map_err(|e| usage(e.to_string()))?;
+            println!(
+                "created a cluster CA and certificates for {} and the CLI in {}",
+                ids.join(", "),
+                dir.display()
+            );
+            Ok(0)
+        }
+        Cmd::Cluster(ClusterCmd::Status) => {
+            let client = client(&cli)?;
+            let resp = client.call::<SysApi>(&SysRequest::Status).await?;
+            let SysResponse::Status(st) = resp else {
+                return Err(Fail(1, "unexpected answer to status".into()));
+            };
+            if cli.json {
+                print_json(&st);
+            } else {
+                print!("{}", status_table(&st));
+            }
+            Ok(0)
+        }
+        Cmd::Ring(c) => call::<RingApi>(&cli, c.request()).await,
+        Cmd::Ratelimit(c) => call::<RatelimitApi>(&cli, c.request()).await,
+        Cmd::Chaos(c) => chaos(&cli, c).await,
+        Cmd::Bench(BenchCmd::Rpc { duration, payload }) => {
+            if *payload > 1024 * 1024 {
+                return Err(usage("--payload is capped at 1 MiB"));
+            }
+            let figs = dsys_node::bench::rpc(*duration, *payload)
+                .await
+                .map_err(|e| Fail(1, format!("{e:#}")))?;
+            if cli.json {
+                print_json(&figs);
+            } else {
+                println!(
+                    "{:<28} {:>5} {:>10} {:>12} {:>10} {:>10}",
+                    "what", "conc", "requests", "req/s", "p50 µs", "p99 µs"
+                );
+                for f in &figs {
+                    println!(
+                        "{:<28} {:>5} {:>10} {:>12.0} {:>10.1} {:>10.1}",
+                        f.name, f.concurrency, f.requests, f.rps, f.p50_us, f.p99_us
+                    );
+                }
+                for pair in figs.chunks(2) {
+                    if let [r, t] = pair {
+                        println!(
+                            "concurrency {:>2}: rpc p50 / tcp p50 = {:.2}x, rpc req/s / tcp req/s = {:.2}",
+                            r.concurrency,
+                            r.p50_us / t.p50_us,
+                            r.rps / t.rps
+                        );
+                    }
+                }
+            }
+            Ok(0)
+        }
+    }
+}
+
+fn print_json<T: serde::Serialize>(v: &T) {
+    match serde_json::to_string_pretty(v) {
+        Ok(s) => println!("{s}"),
+        Err(e) => eprintln!("error: json: {e}"),
+    }
+}
+
+async fn call<A: Api>(cli: &Cli, req: A::Request) -> Result<u8, Fail>
+where
+    A::Response: Render,
+{
+    let client = client(cli)?;
+    let resp = client.call::<A>(&req).await?;
+    if cli.json {
+        print_json(&resp);
+    } else {
+        println!("{}", resp.human().trim_end());
+    }
+    Ok(resp.exit_code() as u8)
+}
+
+fn endpoints(cli: &Cli) -> Result<Vec<SocketAddr>, Fail> {
+    if !cli.endpoints.is_empty() {
+        return Ok(cli.endpoints.clone());
+    }
+    if let Ok(v) = std::env::var("DSYS_ENDPOINTS") {
+        return v
+            .split(',')
+            .filter(|s| !s.trim().is_empty())
+            .map(|s| {
+                s.trim()
+                    .parse::<SocketAddr>()
+                    .map_err(|e| usage(format!("DSYS_ENDPOINTS: `{s}`: {e}")))
+            })
+            .collect();
+    }
+    let cfg = load_config(&cli.config)?;
+    Ok(cfg.nodes.values().map(|n| n.rpc_addr()).collect())
+}
+
+fn client(cli: &Cli) -> Result<Client, Fail> {
+    let certs = match &cli.certs {
+        Some(c) => c.clone(),
+        None if cli.config.exists() => load_config(&cli.config)?.cluster.certs_dir,
+        None => PathBuf::from("run/certs"),
+    };
+    let id = TlsIdentity::load(&certs, "cli").map_err(|e| usage(e.to_string()))?;
+    Client::new(&id, endpoints(cli)?, cli.timeout).map_err(Fail::from)
+}
+
+fn status_table(st: &ClusterStatus) -> String {
+    let mut t = comfy_table::Table::new();
+    t.set_header([
+        "node",
+        "address",
+        "region",
+        "state",
+        "generation",
+        "plugins",
+        "restarts",
+    ]);
+    for m in &st.members {
+        let restarts = if m.failed.is_empty() {
+            m.restarts.to_string()
+        } else {
+            format!("{} (failed: {})", m.restarts, m.failed.join(","))
+        };
+        t.add_row([
+            m.id.clone(),
+            m.rpc_addr.clone().unwrap_or_default(),
+            m.region.clone(),
+            m.state.clone(),
+            m.generation.to_string(),
+            m.plugins.join(","),
+            restarts,
+        ]);
+    }
+    let alive = st.members.iter().filter(|m| m.state == "alive").count();
+    format!(
+        "{t}\n{alive} of {} alive, as seen by {}\n",
+        st.members.len(),
+        st.node
+    )
+}
+
+async fn chaos(cli: &Cli, c: &ChaosCmd) -> Result<u8, Fail> {
+    let req = match c {
+        ChaosCmd::Partition { groups } => SysRequest::Chaos(FaultCommand::Partition(
+            groups
+                .iter()
+                .map(|g| {
+                    g.split(',')
+                        .filter(|s| !s.is_empty())
+                        .map(str::to_string)
+                        .collect()
+                })
+                .collect(),
+        )),
+        ChaosCmd::Delay { node, delay } => SysRequest::Chaos(FaultCommand::Delay {
+            node: node.clone(),
+            ms: delay.as_millis() as u64,
+        }),
+        ChaosCmd::Drop { node, probability } => SysRequest::Chaos(FaultCommand::Drop {
+            node: node.clone(),
+            probability: *probability,
+        }),
+        ChaosCmd::Heal => SysRequest::Chaos(FaultCommand::Heal),
+        ChaosCmd::Status => SysRequest::ChaosRules,
+    };
+    // Every node applies the same rules to its own traffic: send to each one directly.
+    let client = client(cli)?;
+    let mut report = Vec::new();
+    let (mut ok, mut refused) = (0, 0);
+    for addr in client.endpoints().to_vec() {
+        match client.call_at::<SysApi>(addr, &req).await {
+            Ok(SysResponse::Rules(r)) => {
+                ok += 1;
+                report.push(serde_json::json!({ "endpoint": addr.to_string(), "rules": r }));
+            }
+            Ok(_) => {}
+            Err(ClientError::Rpc(RpcError::Refused(msg))) => {
+                refused += 1;
+                report.push(serde_json::json!({ "endpoint": addr.to_string(), "error": msg }));
+            }
+            Err(e) => report
+                .push(serde_json::json!({ "endpoint": addr.to_string(), "error": e.to_string() })),
+        }
+    }
+    if cli.json {
+        print_json(&report);
+    } else {
+        for r in &report {
+            println!("{r}");
+        }
+        println!("applied on {ok} of {} nodes", client.endpoints().len());
+    }
+    Ok(if refused > 0 {
+        1
+    } else if ok == 0 {
+        3
+    } else {
+        0
+    })
+}
+
+async fn agent(cli: &Cli, a: &AgentArgs) -> Result<u8, Fail> {
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_env("DSYS_LOG").unwrap_or_else(|_| "info".into());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+    let mut cfg = load_config(&cli.config)?;
+    let node = cfg.nodes.get_mut(&a.node).ok_or_else(|| {
+        usage(format!(
+            "config: field `--node`: unknown node `{}`; {} has {}",
+            a.node,
+            cli.config.display(),
+            cfg_ids(&cli.config)
+        ))
+    })?;
+    if let Some(p) = a.gossip_port {
+        node.gossip_port = p;
+    }
+    if let Some(p) = a.rpc_port {
+        node.rpc_port = p;
+    }
+    if let Some(p) = a.http_port {
+        node.http_port = p;
+    }
+    if let Some(d) = &a.data_dir {
+        node.data_dir = d.clone();
+    }
+    if let Some(c) = &cli.certs {
+        cfg.cluster.certs_dir = c.clone();
+    }
+    cfg.validate().map_err(|e| usage(e.to_string()))?;
+    let node = Node::start(NodeOptions {
+        config: cfg,
+        node_id: a.node.clone(),
+        plugins: dsys_node::plugins(),
+        seed_addrs: vec![],
+    })
+    .await
+    .map_err(|e| Fail(2, e))?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| Fail(1, e.to_string()))?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+    node.shutdown().await;
+    Ok(0)
+}
+
+fn cfg_ids(path: &Path) -> String {
+    ClusterConfig::load(path)
+        .map(|c| c.nodes.keys().cloned().collect::<Vec<_>>().join(", "))
+        .unwrap_or_default()
+}

@@ -1,0 +1,176 @@
+//! A small Prometheus registry: counters, gauges and fixed-bucket histograms keyed by name and
+//! labels, rendered in the text exposition format by [`Metrics::render`].
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use dashmap::DashMap;
+
+/// Histogram bucket upper bounds in seconds.
+const BUCKETS: [f64; 16] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+
+/// A latency histogram with Prometheus' cumulative buckets.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    counts: [AtomicU64; BUCKETS.len()],
+    count: AtomicU64,
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    /// Record one observation.
+    pub fn observe(&self, secs: f64) {
+        if let Some(i) = BUCKETS.iter().position(|b| secs <= *b) {
+            self.counts[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_micros
+            .fetch_add((secs * 1e6) as u64, Ordering::Relaxed);
+    }
+}
+
+type Key = (String, String); // (name, rendered labels)
+
+/// The registry of one node.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    counters: DashMap<Key, AtomicU64>,
+    gauges: DashMap<Key, AtomicU64>,
+    histograms: DashMap<Key, Histogram>,
+    help: Mutex<BTreeMap<&'static str, (&'static str, &'static str)>>,
+}
+
+fn labels(l: &[(&str, &str)]) -> String {
+    let mut s = String::new();
+    for (i, (k, v)) in l.iter().enumerate() {
+        if i > 0 {
+            s.push(',');
+        }
+        let v = v
+            .replace('\\', "\\\\")
+            .replace('"', "\\\"")
+            .replace('\n', "\\n");
+        let _ = write!(s, "{k}=\"{v}\"");
+    }
+    s
+}
+
+impl Metrics {
+    /// Describe a metric (type is "counter", "gauge" or "histogram").
+    pub fn describe(&self, name: &'static str, kind: &'static str, help: &'static str) {
+        self.help
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name, (kind, help));
+    }
+
+    /// Add `n` to a counter.
+    pub fn add(&self, name: &str, l: &[(&str, &str)], n: u64) {
+        self.counters
+            .entry((name.to_string(), labels(l)))
+            .or_default()
+            .fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Set a gauge.
+    pub fn set(&self, name: &str, l: &[(&str, &str)], v: u64) {
+        self.gauges
+            .entry((name.to_string(), labels(l)))
+            .or_default()
+            .store(v, Ordering::Relaxed);
+    }
+
+    /// Record a latency in seconds.
+    pub fn observe(&self, name: &str, l: &[(&str, &str)], secs: f64) {
+        self.histograms
+            .entry((name.to_string(), labels(l)))
+            .or_default()
+            .observe(secs);
+    }
+
+    /// Prometheus text exposition format.
+    pub fn render(&self) -> String {
+        let help = self.help.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut out = String::new();
+        let mut by_name: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        let sel = |name: &str, l: &str| {
+            if l.is_empty() {
+                name.to_string()
+            } else {
+                format!("{name}{{{l}}}")
+            }
+        };
+        for e in self.counters.iter() {
+            let ((n, l), v) = (e.key(), e.value().load(Ordering::Relaxed));
+            by_name
+                .entry(n.clone())
+                .or_default()
+                .push(format!("{} {v}", sel(n, l)));
+        }
+        for e in self.gauges.iter() {
+            let ((n, l), v) = (e.key(), e.value().load(Ordering::Relaxed));
+            by_name
+                .entry(n.clone())
+                .or_default()
+                .push(format!("{} {v}", sel(n, l)));
+        }
+        for e in self.histograms.iter() {
+            let ((n, l), h) = (e.key(), e.value());
+            let lines = by_name.entry(n.clone()).or_default();
+            let mut cum = 0;
+            let sep = if l.is_empty() { "" } else { "," };
+            for (i, b) in BUCKETS.iter().enumerate() {
+                cum += h.counts[i].load(Ordering::Relaxed);
+                lines.push(format!("{n}_bucket{{{l}{sep}le=\"{b}\"}} {cum}"));
+            }
+            let count = h.count.load(Ordering::Relaxed);
+            lines.push(format!("{n}_bucket{{{l}{sep}le=\"+Inf\"}} {count}"));
+            let sum = h.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+            lines.push(format!("{} {sum}", sel(&format!("{n}_sum"), l)));
+            lines.push(format!("{} {count}", sel(&format!("{n}_count"), l)));
+        }
+        for (name, mut lines) in by_name {
+            if let Some((kind, text)) = help.get(name.as_str()) {
+                let _ = writeln!(out, "# HELP {name} {text}\n# TYPE {name} {kind}");
+            }
+            lines.sort();
+            for l in lines {
+                out.push_str(&l);
+                out.push('\n');
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_prometheus_text() {
+        let m = Metrics::default();
+        m.describe("dsys_x_total", "counter", "x");
+        m.add("dsys_x_total", &[("plugin", "a\"b")], 2);
+        m.observe("dsys_lat_seconds", &[("p", "q")], 0.003);
+        m.set("dsys_members", &[("state", "alive")], 5);
+        let t = m.render();
+        assert!(t.contains("# TYPE dsys_x_total counter"), "{t}");
+        assert!(t.contains("dsys_x_total{plugin=\"a\\\"b\"} 2"), "{t}");
+        assert!(
+            t.contains("dsys_lat_seconds_bucket{p=\"q\",le=\"0.005\"} 1"),
+            "{t}"
+        );
+        assert!(
+            t.contains("dsys_lat_seconds_bucket{p=\"q\",le=\"0.0025\"} 0"),
+            "{t}"
+        );
+        assert!(t.contains("dsys_lat_seconds_count{p=\"q\"} 1"), "{t}");
+        assert!(t.contains("dsys_members{state=\"alive\"} 5"), "{t}");
+    }
+}

@@ -1,0 +1,220 @@
+//! Typed request/response between plugin instances on any two nodes. Calls to the local node
+//! skip the network. Every call carries a W3C `traceparent`: a call made while handling
+//! another one continues its trace with a new span id.
+
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::codec;
+use crate::membership::MembershipHandle;
+use crate::plugin::Api;
+use crate::transport::Transport;
+
+/// What went wrong with a call. Travels over the wire, so it is plain data.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum RpcError {
+    /// The peer could not be reached (down, partitioned, connection lost).
+    #[error("unreachable: {0}")]
+    Unreachable(String),
+    /// No answer within the deadline.
+    #[error("deadline of {0} ms exceeded")]
+    Timeout(u64),
+    /// The peer refused our certificate or we refused its.
+    #[error("not authorized: {0}")]
+    Unauthorized(String),
+    /// No plugin by that name runs on the node.
+    #[error("unknown plugin `{0}`")]
+    UnknownPlugin(String),
+    /// The plugin is restarting or has failed.
+    #[error("plugin `{0}` is not running (restarting or failed)")]
+    PluginUnavailable(String),
+    /// A frame exceeded the size cap.
+    #[error("frame of {len} bytes exceeds the limit of {max} bytes")]
+    FrameTooLarge {
+        /// Claimed length.
+        len: u64,
+        /// The cap.
+        max: u64,
+    },
+    /// Bytes that do not decode as the expected message.
+    #[error("malformed message: {0}")]
+    Malformed(String),
+    /// The plugin refused the request (bad input, precondition failed).
+    #[error("{0}")]
+    Refused(String),
+    /// A bug or an unexpected failure on the peer.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl From<codec::CodecError> for RpcError {
+    fn from(e: codec::CodecError) -> Self {
+        RpcError::Malformed(e.0)
+    }
+}
+
+/// One request on the wire.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RpcRequest {
+    /// Target plugin (`sys` for the runtime's own service).
+    pub plugin: String,
+    /// Who the sender claims to be: a node id, or `cli`. Checked against its certificate.
+    pub caller: String,
+    /// Remaining time budget.
+    pub timeout_ms: u64,
+    /// W3C trace context.
+    pub traceparent: String,
+    /// The plugin's encoded request.
+    pub body: Vec<u8>,
+}
+
+/// The authenticated sender of a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Caller {
+    /// Another node (or this one), by id.
+    Node(String),
+    /// A CLI or test client.
+    Client,
+}
+
+/// Something that answers requests: the node's dispatcher.
+#[async_trait::async_trait]
+pub(crate) trait Handler: Send + Sync {
+    async fn handle(&self, caller: Caller, req: RpcRequest) -> Result<Vec<u8>, RpcError>;
+}
+
+tokio::task_local! {
+    static TRACE: String;
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A traceparent for a new call: continues the current trace if there is one.
+pub(crate) fn next_traceparent() -> String {
+    let span = hex(&rand::random::<[u8; 8]>());
+    let trace = TRACE
+        .try_with(|t| t.get(3..35).map(str::to_string))
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| hex(&rand::random::<[u8; 16]>()));
+    format!("00-{trace}-{span}-01")
+}
+
+/// Run `fut` as the handling of a request that carried `traceparent`.
+pub(crate) async fn in_trace<F: std::future::Future>(traceparent: String, fut: F) -> F::Output {
+    TRACE.scope(traceparent, fut).await
+}
+
+struct RpcInner {
+    me: String,
+    transport: Arc<Transport>,
+    membership: MembershipHandle,
+    local: OnceLock<Weak<dyn Handler>>,
+    timeout: Duration,
+}
+
+/// Typed calls to plugins on any node. Cheap to clone.
+#[derive(Clone)]
+pub struct Rpc {
+    inner: Arc<RpcInner>,
+}
+
+impl std::fmt::Debug for Rpc {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Rpc({})", self.inner.me)
+    }
+}
+
+impl Rpc {
+    pub(crate) fn new(
+        me: &str,
+        transport: Arc<Transport>,
+        membership: MembershipHandle,
+        timeout: Duration,
+    ) -> Self {
+        Rpc {
+            inner: Arc::new(RpcInner {
+                me: me.to_string(),
+                transport,
+                membership,
+                local: OnceLock::new(),
+                timeout,
+            }),
+        }
+    }
+
+    pub(crate) fn set_local(&self, h: Weak<dyn Handler>) {
+        let _ = self.inner.local.set(h);
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> &str {
+        &self.inner.me
+    }
+
+    /// The default deadline of a call.
+    pub fn default_timeout(&self) -> Duration {
+        self.inner.timeout
+    }
+
+    /// Call plugin `A` on `node` with the default deadline.
+    pub async fn call<A: Api>(
+        &self,
+        node: &str,
+        req: &A::Request,
+    ) -> Result<A::Response, RpcError> {
+        self.call_with_timeout::<A>(node, req, self.inner.timeout)
+            .await
+    }
+
+    /// Call plugin `A` on `node` with an explicit deadline.
+    pub async fn call_with_timeout<A: Api>(
+        &self,
+        node: &str,
+        req: &A::Request,
+        timeout: Duration,
+    ) -> Result<A::Response, RpcError> {
+        let body = codec::encode(req)?;
+        let out = self.call_raw(node, A::NAME, body, timeout).await?;
+        Ok(codec::decode(&out)?)
+    }
+
+    /// Call a plugin by name with an encoded body.
+    pub async fn call_raw(
+        &self,
+        node: &str,
+        plugin: &str,
+        body: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, RpcError> {
+        let req = RpcRequest {
+            plugin: plugin.to_string(),
+            caller: self.inner.me.clone(),
+            timeout_ms: timeout.as_millis() as u64,
+            traceparent: next_traceparent(),
+            body,
+        };
+        if node == self.inner.me {
+            let h = self
+                .inner
+                .local
+                .get()
+                .and_then(Weak::upgrade)
+                .ok_or_else(|| RpcError::Unreachable("local node is shutting down".into()))?;
+            let caller = Caller::Node(self.inner.me.clone());
+            return match tokio::time::timeout(timeout, h.handle(caller, req)).await {
+                Ok(r) => r,
+                Err(_) => Err(RpcError::Timeout(timeout.as_millis() as u64)),
+            };
+        }
+        let addr =
+            self.inner.membership.rpc_addr(node).ok_or_else(|| {
+                RpcError::Unreachable(format!("node `{node}` is not a known member"))
+            })?;
+        self.inner.transport.request(node, addr, req, timeout).await
+    }
+}

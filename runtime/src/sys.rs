@@ -1,0 +1,170 @@
+//! The runtime's own service, `sys`, on every node: ping (used to prove identities), cluster
+//! status, fault-injection rules, and an echo used by the RPC benchmark.
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::ClusterConfig;
+use crate::faults::{FaultCommand, FaultRules, Faults};
+use crate::membership::{MemberState, MembershipHandle};
+use crate::plugin::{Api, PluginHost, PluginStatus};
+use crate::rpc::{Caller, RpcError};
+
+/// Marker for the `sys` service.
+#[derive(Debug)]
+pub struct SysApi;
+
+impl Api for SysApi {
+    const NAME: &'static str = "sys";
+    type Request = SysRequest;
+    type Response = SysResponse;
+}
+
+/// Requests to `sys`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum SysRequest {
+    /// Who are you?
+    Ping,
+    /// This node's view of the cluster.
+    Status,
+    /// Change this node's fault rules.
+    Chaos(FaultCommand),
+    /// The fault rules in force on this node.
+    ChaosRules,
+    /// Send the bytes back (benchmarks).
+    Echo(Vec<u8>),
+}
+
+/// Answers from `sys`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum SysResponse {
+    /// Node id and generation.
+    Pong {
+        /// Node id.
+        node: String,
+        /// Generation.
+        generation: u64,
+    },
+    /// Cluster status.
+    Status(ClusterStatus),
+    /// Fault rules.
+    Rules(FaultRules),
+    /// Echoed bytes.
+    Echo(Vec<u8>),
+}
+
+/// One row of `dsys cluster status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MemberStatus {
+    /// Node id.
+    pub id: String,
+    /// `alive`, `joining`, `dead`, `left`, or `unseen` (configured but never heard from).
+    pub state: String,
+    /// Region label.
+    pub region: String,
+    /// Generation (start time in ms), 0 when unseen.
+    pub generation: u64,
+    /// QUIC address.
+    pub rpc_addr: Option<String>,
+    /// HTTP address.
+    pub http_addr: Option<String>,
+    /// Plugins it runs.
+    pub plugins: Vec<String>,
+    /// Total plugin restarts.
+    pub restarts: u32,
+    /// Plugins marked failed.
+    pub failed: Vec<String>,
+}
+
+/// The answer to `dsys cluster status`, from one node's point of view.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    /// The node that answered.
+    pub node: String,
+    /// Every member it knows of, plus configured nodes it never heard from.
+    pub members: Vec<MemberStatus>,
+    /// Ring members.
+    pub ring: Vec<String>,
+    /// The answering node's plugins: (name, status, restarts).
+    pub plugins: Vec<(String, PluginStatus, u32)>,
+}
+
+pub(crate) struct SysService {
+    pub(crate) me: String,
+    pub(crate) generation: u64,
+    pub(crate) config: Arc<ClusterConfig>,
+    pub(crate) membership: MembershipHandle,
+    pub(crate) faults: Arc<Faults>,
+    pub(crate) host: Arc<PluginHost>,
+}
+
+impl SysService {
+    pub(crate) fn handle(
+        &self,
+        _caller: &Caller,
+        req: SysRequest,
+    ) -> Result<SysResponse, RpcError> {
+        Ok(match req {
+            SysRequest::Ping => SysResponse::Pong {
+                node: self.me.clone(),
+                generation: self.generation,
+            },
+            SysRequest::Status => SysResponse::Status(self.status()),
+            SysRequest::Chaos(cmd) => {
+                tracing::warn!(?cmd, "fault injection changed");
+                self.faults.apply(cmd).map_err(RpcError::Refused)?;
+                SysResponse::Rules(self.faults.rules())
+            }
+            SysRequest::ChaosRules => SysResponse::Rules(self.faults.rules()),
+            SysRequest::Echo(b) => SysResponse::Echo(b),
+        })
+    }
+
+    pub(crate) fn status(&self) -> ClusterStatus {
+        let view = self.membership.view();
+        let mut members: Vec<MemberStatus> = view
+            .members
+            .values()
+            .map(|m| MemberStatus {
+                id: m.id.clone(),
+                state: match m.state {
+                    MemberState::Alive => "alive",
+                    MemberState::Joining => "joining",
+                    MemberState::Dead => "dead",
+                    MemberState::Left => "left",
+                }
+                .to_string(),
+                region: m.region.clone(),
+                generation: m.generation,
+                rpc_addr: m.rpc_addr.map(|a| a.to_string()),
+                http_addr: m.http_addr.map(|a| a.to_string()),
+                plugins: m.plugins.clone(),
+                restarts: m.restarts.values().sum(),
+                failed: m.failed.clone(),
+            })
+            .collect();
+        for (id, n) in &self.config.nodes {
+            if !view.members.contains_key(id) {
+                members.push(MemberStatus {
+                    id: id.clone(),
+                    state: "unseen".into(),
+                    region: n.region.clone(),
+                    generation: 0,
+                    rpc_addr: Some(n.rpc_addr().to_string()),
+                    http_addr: Some(n.http_addr().to_string()),
+                    plugins: vec![],
+                    restarts: 0,
+                    failed: vec![],
+                });
+            }
+        }
+        members.sort_by(|a, b| a.id.cmp(&b.id));
+        ClusterStatus {
+            node: self.me.clone(),
+            members,
+            ring: self.membership.ring().nodes().to_vec(),
+            plugins: self.host.statuses(),
+        }
+    }
+}
