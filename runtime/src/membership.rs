@@ -33,7 +33,7 @@ pub(crate) mod keys {
 }
 
 /// Where a member stands.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum MemberState {
     /// Seen through gossip, not yet proven by an mTLS handshake; not in the ring.

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Figures of the running local cluster (start it with scripts/cluster.sh up first):
+#  - idle resident memory of every node (VmRSS);
+#  - failure detection: SIGKILL a node ROUNDS times (default 5) and time until every other
+#    node reports it dead, then restart it and time until all see it alive again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=${DSYS_BIN:-target/release/dsys}
+RUN=${DSYS_RUN_DIR:-run}
+ROUNDS=${1:-5}
+ms() { echo $(( ($(date +%s%N) - $1) / 1000000 )); }
+port_of() { awk -v n="[nodes.$1]" '$0==n{f=1;next} /^\[/{f=0} f&&/^rpc_port/{print $3}' cluster.toml; }
+
+echo "== idle RSS"
+for n in $(scripts/cluster.sh running); do
+  pid=$(cat "$RUN/pids/$n.pid")
+  echo "$n: $(awk '/VmRSS/{printf "%.1f MB", $2/1024}' /proc/$pid/status)"
+done
+
+echo "== failure detection (SIGKILL -> dead on every other node)"
+mapfile -t nodes < <(scripts/cluster.sh running)
+[ "${#nodes[@]}" -ge 3 ] || { echo "need at least 3 running nodes" >&2; exit 2; }
+for r in $(seq 1 "$ROUNDS"); do
+  victim=${nodes[$((r % ${#nodes[@]}))]}
+  others=(); for n in "${nodes[@]}"; do [ "$n" != "$victim" ] && others+=("$n"); done
+  scripts/cluster.sh kill "$victim" >/dev/null
+  t0=$(date +%s%N)
+  for o in "${others[@]}"; do
+    until "$BIN" --json --endpoints "127.0.0.1:$(port_of "$o")" cluster status | grep -A1 "\"id\": \"$victim\"" | grep -q '"dead"'; do sleep 0.02; done
+  done
+  dead=$(ms "$t0")
+  scripts/cluster.sh start "$victim" >/dev/null
+  t0=$(date +%s%N)
+  for o in "${others[@]}"; do
+    until "$BIN" --json --endpoints "127.0.0.1:$(port_of "$o")" cluster status | grep -A1 "\"id\": \"$victim\"" | grep -q '"alive"'; do sleep 0.02; done
+  done
+  echo "round $r: $victim dead everywhere after ${dead} ms; back everywhere $(ms "$t0") ms after restart"
+done
