@@ -186,3 +186,54 @@ pub async fn rpc(duration: Duration, payload: usize) -> anyhow::Result<Vec<Figur
     n1.kill().await;
     Ok(out)
 }
+
+/// Drive `dsys ratelimit check` against a running cluster: `concurrency` workers spread over
+/// every endpoint, keys drawn from `keys` distinct ones. Returns the figures and how many
+/// decisions were allowed and limited.
+pub async fn ratelimit(
+    clients: Vec<dsys_runtime::Client>,
+    rule: String,
+    keys: u64,
+    concurrency: usize,
+    duration: Duration,
+) -> anyhow::Result<(Figures, u64, u64)> {
+    use dsys_plugin_ratelimit::{RatelimitApi, RatelimitRequest, RatelimitResponse};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    anyhow::ensure!(!clients.is_empty(), "no endpoints");
+    let clients = Arc::new(clients);
+    let allowed = Arc::new(AtomicU64::new(0));
+    let limited = Arc::new(AtomicU64::new(0));
+    let seq = Arc::new(AtomicU64::new(0));
+    let (a, l) = (allowed.clone(), limited.clone());
+    let (lat, wall) = drive(concurrency, duration, move |w| {
+        let (clients, rule, a, l, seq) = (
+            clients.clone(),
+            rule.clone(),
+            a.clone(),
+            l.clone(),
+            seq.clone(),
+        );
+        async move {
+            let n = seq.fetch_add(1, Ordering::Relaxed);
+            let req = RatelimitRequest::Check {
+                rule,
+                key: format!("bench-{}", n % keys.max(1)),
+                cost: 1,
+            };
+            let client = &clients[w % clients.len()];
+            match client.call::<RatelimitApi>(&req).await? {
+                RatelimitResponse::Decision { decision, .. } if decision.allowed => {
+                    a.fetch_add(1, Ordering::Relaxed)
+                }
+                _ => l.fetch_add(1, Ordering::Relaxed),
+            };
+            Ok(())
+        }
+    })
+    .await?;
+    Ok((
+        summarize("ratelimit check", concurrency, lat, wall),
+        allowed.load(Ordering::Relaxed),
+        limited.load(Ordering::Relaxed),
+    ))
+}

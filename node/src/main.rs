@@ -133,6 +133,21 @@ enum BenchCmd {
         #[arg(long, default_value_t = 64)]
         payload: usize,
     },
+    /// Rate-limit decisions against the running cluster, spread over every endpoint.
+    Ratelimit {
+        /// Rule to check.
+        #[arg(long, default_value = "search")]
+        rule: String,
+        /// Distinct keys.
+        #[arg(long, default_value_t = 1000)]
+        keys: u64,
+        /// Requests in flight.
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        /// How long to run.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        duration: Duration,
+    },
 }
 
 /// An error with its exit code.
@@ -216,6 +231,36 @@ async fn run(cli: Cli) -> Result<u8, Fail> {
         Cmd::Ring(c) => call::<RingApi>(&cli, c.request()).await,
         Cmd::Ratelimit(c) => call::<RatelimitApi>(&cli, c.request()).await,
         Cmd::Chaos(c) => chaos(&cli, c).await,
+        Cmd::Bench(BenchCmd::Ratelimit {
+            rule,
+            keys,
+            concurrency,
+            duration,
+        }) => {
+            if *concurrency == 0 || *concurrency > 4096 {
+                return Err(usage("--concurrency must be 1..=4096"));
+            }
+            let clients = endpoints(&cli)?
+                .into_iter()
+                .map(|e| {
+                    let id = identity(&cli)?;
+                    Client::new(&id, vec![e], cli.timeout).map_err(Fail::from)
+                })
+                .collect::<Result<Vec<_>, Fail>>()?;
+            let (f, allowed, limited) =
+                dsys_node::bench::ratelimit(clients, rule.clone(), *keys, *concurrency, *duration)
+                    .await
+                    .map_err(|e| Fail(3, format!("{e:#}")))?;
+            if cli.json {
+                print_json(
+                    &serde_json::json!({ "figures": f, "allowed": allowed, "limited": limited }),
+                );
+            } else {
+                print_figures(std::slice::from_ref(&f));
+                println!("allowed {allowed}, limited {limited}");
+            }
+            Ok(0)
+        }
         Cmd::Bench(BenchCmd::Rpc { duration, payload }) => {
             if *payload > 1024 * 1024 {
                 return Err(usage("--payload is capped at 1 MiB"));
@@ -249,6 +294,19 @@ async fn run(cli: Cli) -> Result<u8, Fail> {
             }
             Ok(0)
         }
+    }
+}
+
+fn print_figures(figs: &[dsys_node::bench::Figures]) {
+    println!(
+        "{:<28} {:>5} {:>10} {:>12} {:>10} {:>10}",
+        "what", "conc", "requests", "req/s", "p50 µs", "p99 µs"
+    );
+    for f in figs {
+        println!(
+            "{:<28} {:>5} {:>10} {:>12.0} {:>10.1} {:>10.1}",
+            f.name, f.concurrency, f.requests, f.rps, f.p50_us, f.p99_us
+        );
     }
 }
 
@@ -292,14 +350,17 @@ fn endpoints(cli: &Cli) -> Result<Vec<SocketAddr>, Fail> {
     Ok(cfg.nodes.values().map(|n| n.rpc_addr()).collect())
 }
 
-fn client(cli: &Cli) -> Result<Client, Fail> {
+fn identity(cli: &Cli) -> Result<TlsIdentity, Fail> {
     let certs = match &cli.certs {
         Some(c) => c.clone(),
         None if cli.config.exists() => load_config(&cli.config)?.cluster.certs_dir,
         None => PathBuf::from("run/certs"),
     };
-    let id = TlsIdentity::load(&certs, "cli").map_err(|e| usage(e.to_string()))?;
-    Client::new(&id, endpoints(cli)?, cli.timeout).map_err(Fail::from)
+    TlsIdentity::load(&certs, "cli").map_err(|e| usage(e.to_string()))
+}
+
+fn client(cli: &Cli) -> Result<Client, Fail> {
+    Client::new(&identity(cli)?, endpoints(cli)?, cli.timeout).map_err(Fail::from)
 }
 
 fn status_table(st: &ClusterStatus) -> String {

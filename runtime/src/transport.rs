@@ -51,11 +51,13 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(
             max: max as u64,
         });
     }
-    let mut head = [0u8; 5];
-    head[0] = WIRE_VERSION;
-    head[1..].copy_from_slice(&(body.len() as u32).to_be_bytes());
-    w.write_all(&head).await.map_err(io_err)?;
-    w.write_all(body).await.map_err(io_err)?;
+    // One buffer, one write: on QUIC the frame then leaves in one STREAM frame (one packet
+    // for small messages) instead of a header packet followed by a body packet.
+    let mut buf = Vec::with_capacity(5 + body.len());
+    buf.push(WIRE_VERSION);
+    buf.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    buf.extend_from_slice(body);
+    w.write_all(&buf).await.map_err(io_err)?;
     Ok(())
 }
 
