@@ -24,9 +24,17 @@ pub struct Figures {
     pub p50_us: f64,
     /// 99th percentile latency in microseconds.
     pub p99_us: f64,
+    /// Failed requests (not counted in the latencies).
+    pub errors: u64,
 }
 
-fn summarize(name: &str, concurrency: usize, mut lat: Vec<Duration>, wall: Duration) -> Figures {
+fn summarize(
+    name: &str,
+    concurrency: usize,
+    mut lat: Vec<Duration>,
+    wall: Duration,
+    errors: u64,
+) -> Figures {
     lat.sort();
     let pct = |p: f64| -> f64 {
         if lat.is_empty() {
@@ -42,13 +50,16 @@ fn summarize(name: &str, concurrency: usize, mut lat: Vec<Duration>, wall: Durat
         rps: lat.len() as f64 / wall.as_secs_f64(),
         p50_us: pct(0.50),
         p99_us: pct(0.99),
+        errors,
     }
 }
 
-/// Run `op` from `concurrency` workers for `duration`, collecting each latency.
+/// Run `op` from `concurrency` workers for `duration`, collecting the latency of each
+/// success; failures are counted in `errors` and the run goes on (benchmarks run under chaos).
 async fn drive<F, Fut>(
     concurrency: usize,
     duration: Duration,
+    errors: Arc<std::sync::atomic::AtomicU64>,
     op: F,
 ) -> anyhow::Result<(Vec<Duration>, Duration)>
 where
@@ -60,13 +71,17 @@ where
     let end = start + duration;
     let mut workers = Vec::new();
     for w in 0..concurrency {
-        let op = op.clone();
+        let (op, errors) = (op.clone(), errors.clone());
         workers.push(tokio::spawn(async move {
             let mut lat = Vec::new();
             while Instant::now() < end {
                 let t = Instant::now();
-                op(w).await?;
-                lat.push(t.elapsed());
+                match op(w).await {
+                    Ok(()) => lat.push(t.elapsed()),
+                    Err(_) => {
+                        errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
             }
             anyhow::Ok(lat)
         }));
@@ -110,7 +125,8 @@ async fn tcp_echo(
         conns.push(Arc::new(tokio::sync::Mutex::new(s)));
     }
     let conns = Arc::new(conns);
-    let (lat, wall) = drive(concurrency, duration, move |w| {
+    let errors = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (lat, wall) = drive(concurrency, duration, errors.clone(), move |w| {
         let conns = conns.clone();
         async move {
             let mut s = conns[w].lock().await;
@@ -125,11 +141,13 @@ async fn tcp_echo(
     })
     .await?;
     server.abort();
+    let errors = errors.load(std::sync::atomic::Ordering::Relaxed);
     Ok(summarize(
         "tcp echo (plain, loopback)",
         concurrency,
         lat,
         wall,
+        errors,
     ))
 }
 
@@ -169,7 +187,8 @@ pub async fn rpc(duration: Duration, payload: usize) -> anyhow::Result<Vec<Figur
         // Warm the connection up.
         rpc.call::<SysApi>("n2", &SysRequest::Echo(vec![1; payload]))
             .await?;
-        let (lat, wall) = drive(c, duration, move |_| {
+        let errors = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (lat, wall) = drive(c, duration, errors.clone(), move |_| {
             let rpc = rpc.clone();
             async move {
                 rpc.call::<SysApi>("n2", &SysRequest::Echo(vec![7u8; payload]))
@@ -179,7 +198,8 @@ pub async fn rpc(duration: Duration, payload: usize) -> anyhow::Result<Vec<Figur
             }
         })
         .await?;
-        out.push(summarize("dsys rpc (QUIC+mTLS)", c, lat, wall));
+        let errors = errors.load(std::sync::atomic::Ordering::Relaxed);
+        out.push(summarize("dsys rpc (QUIC+mTLS)", c, lat, wall, errors));
         out.push(tcp_echo(c, duration, payload).await?);
     }
     n2.kill().await;
@@ -205,7 +225,8 @@ pub async fn ratelimit(
     let limited = Arc::new(AtomicU64::new(0));
     let seq = Arc::new(AtomicU64::new(0));
     let (a, l) = (allowed.clone(), limited.clone());
-    let (lat, wall) = drive(concurrency, duration, move |w| {
+    let errors = Arc::new(AtomicU64::new(0));
+    let (lat, wall) = drive(concurrency, duration, errors.clone(), move |w| {
         let (clients, rule, a, l, seq) = (
             clients.clone(),
             rule.clone(),
@@ -232,7 +253,13 @@ pub async fn ratelimit(
     })
     .await?;
     Ok((
-        summarize("ratelimit check", concurrency, lat, wall),
+        summarize(
+            "ratelimit check",
+            concurrency,
+            lat,
+            wall,
+            errors.load(Ordering::Relaxed),
+        ),
         allowed.load(Ordering::Relaxed),
         limited.load(Ordering::Relaxed),
     ))

@@ -299,13 +299,13 @@ async fn run(cli: Cli) -> Result<u8, Fail> {
 
 fn print_figures(figs: &[dsys_node::bench::Figures]) {
     println!(
-        "{:<28} {:>5} {:>10} {:>12} {:>10} {:>10}",
-        "what", "conc", "requests", "req/s", "p50 µs", "p99 µs"
+        "{:<28} {:>5} {:>10} {:>12} {:>10} {:>10} {:>7}",
+        "what", "conc", "requests", "req/s", "p50 µs", "p99 µs", "errors"
     );
     for f in figs {
         println!(
-            "{:<28} {:>5} {:>10} {:>12.0} {:>10.1} {:>10.1}",
-            f.name, f.concurrency, f.requests, f.rps, f.p50_us, f.p99_us
+            "{:<28} {:>5} {:>10} {:>12.0} {:>10.1} {:>10.1} {:>7}",
+            f.name, f.concurrency, f.requests, f.rps, f.p50_us, f.p99_us, f.errors
         );
     }
 }

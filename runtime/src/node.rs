@@ -69,9 +69,7 @@ impl Handler for NodeHandler {
             let resp = self.sys.handle(&caller, r)?;
             return Ok(codec::encode(&resp)?);
         }
-        self.host
-            .dispatch(caller, &req.plugin, req.traceparent, req.body)
-            .await
+        self.host.dispatch(caller, &req.plugin, req.body).await
     }
 }
 
@@ -226,7 +224,7 @@ impl Node {
                     match events.recv().await {
                         Ok(
                             ClusterEvent::Dead(m) | ClusterEvent::Back(m) | ClusterEvent::Left(m),
-                        ) => t.forget(&m.id),
+                        ) => t.drop_peer(&m.id),
                         Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
                         Err(_) => return,
                     }

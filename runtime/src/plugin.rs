@@ -22,7 +22,7 @@ use crate::config::{ClusterConfig, ConfigError};
 use crate::membership::{keys, ClusterEvent, MembershipHandle};
 use crate::metrics::Metrics;
 use crate::ring::Ring;
-use crate::rpc::{in_trace, Caller, Rpc, RpcError};
+use crate::rpc::{in_scope, Caller, Rpc, RpcError, Scope};
 
 /// Names a plugin and its wire types; implemented by a marker type in the plugin's `api.rs`,
 /// so other plugins can call it without depending on its implementation.
@@ -338,7 +338,6 @@ impl PluginHost {
         &self,
         caller: Caller,
         plugin: &str,
-        traceparent: String,
         body: Vec<u8>,
     ) -> Result<Vec<u8>, RpcError> {
         let slot = self
@@ -350,9 +349,12 @@ impl PluginHost {
         let inst = slot
             .instance()
             .ok_or_else(|| RpcError::PluginUnavailable(plugin.to_string()))?;
-        let task = tokio::spawn(in_trace(traceparent, async move {
-            inst.handle(caller, &body).await
-        }));
+        let fut = async move { inst.handle(caller, &body).await };
+        // The request's trace and deadline follow it onto its task.
+        let task = match Scope::current() {
+            Some(scope) => tokio::spawn(in_scope(scope, fut)),
+            None => tokio::spawn(fut),
+        };
         match task.await {
             Ok(r) => r,
             Err(e) if e.is_panic() => {

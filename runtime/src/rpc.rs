@@ -85,8 +85,29 @@ pub(crate) trait Handler: Send + Sync {
     async fn handle(&self, caller: Caller, req: RpcRequest) -> Result<Vec<u8>, RpcError>;
 }
 
+/// What a request being handled carries into the calls it makes: its trace and its deadline.
+#[derive(Clone, Debug)]
+pub(crate) struct Scope {
+    traceparent: String,
+    deadline: tokio::time::Instant,
+}
+
+impl Scope {
+    pub(crate) fn new(traceparent: String, budget: Duration) -> Self {
+        Scope {
+            traceparent,
+            deadline: tokio::time::Instant::now() + budget,
+        }
+    }
+
+    /// The scope of the request being handled by this task, if any.
+    pub(crate) fn current() -> Option<Scope> {
+        SCOPE.try_with(Clone::clone).ok()
+    }
+}
+
 tokio::task_local! {
-    static TRACE: String;
+    static SCOPE: Scope;
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -96,17 +117,29 @@ fn hex(bytes: &[u8]) -> String {
 /// A traceparent for a new call: continues the current trace if there is one.
 pub(crate) fn next_traceparent() -> String {
     let span = hex(&rand::random::<[u8; 8]>());
-    let trace = TRACE
-        .try_with(|t| t.get(3..35).map(str::to_string))
+    let trace = SCOPE
+        .try_with(|s| s.traceparent.get(3..35).map(str::to_string))
         .ok()
         .flatten()
         .unwrap_or_else(|| hex(&rand::random::<[u8; 16]>()));
     format!("00-{trace}-{span}-01")
 }
 
-/// Run `fut` as the handling of a request that carried `traceparent`.
-pub(crate) async fn in_trace<F: std::future::Future>(traceparent: String, fut: F) -> F::Output {
-    TRACE.scope(traceparent, fut).await
+/// Run `fut` as the handling of a request: calls it makes continue its trace and never wait
+/// past its deadline.
+pub(crate) async fn in_scope<F: std::future::Future>(scope: Scope, fut: F) -> F::Output {
+    SCOPE.scope(scope, fut).await
+}
+
+/// The time left to the current request's deadline, capped by `timeout`.
+fn budget(timeout: Duration) -> Duration {
+    SCOPE
+        .try_with(|s| {
+            s.deadline
+                .saturating_duration_since(tokio::time::Instant::now())
+        })
+        .map(|left| left.min(timeout))
+        .unwrap_or(timeout)
 }
 
 struct RpcInner {
@@ -191,6 +224,10 @@ impl Rpc {
         body: Vec<u8>,
         timeout: Duration,
     ) -> Result<Vec<u8>, RpcError> {
+        let timeout = budget(timeout);
+        if timeout.is_zero() {
+            return Err(RpcError::Timeout(0));
+        }
         let req = RpcRequest {
             plugin: plugin.to_string(),
             caller: self.inner.me.clone(),

@@ -15,7 +15,7 @@ use tokio::task::JoinHandle;
 use crate::codec::{self, WIRE_VERSION};
 use crate::faults::{Faults, Verdict};
 use crate::metrics::Metrics;
-use crate::rpc::{in_trace, Caller, Handler, RpcError, RpcRequest};
+use crate::rpc::{in_scope, Caller, Handler, RpcError, RpcRequest, Scope};
 use crate::tls::{self, TlsError, TlsIdentity};
 
 /// Transport settings.
@@ -262,9 +262,18 @@ impl Transport {
         Ok(conn)
     }
 
-    /// Drop the cached connection to `peer` (it died, restarted or stopped answering).
+    /// Stop reusing the cached connection to `peer` (it stopped answering); calls in flight
+    /// on it go on.
     pub(crate) fn forget(&self, peer: &str) {
         self.conns.remove(peer);
+    }
+
+    /// `peer` died, left or restarted: close its connection so calls waiting on the dead
+    /// process fail now instead of at their deadline.
+    pub(crate) fn drop_peer(&self, peer: &str) {
+        if let Some((_, (_, conn))) = self.conns.remove(peer) {
+            conn.close(0u32.into(), b"peer is gone");
+        }
     }
 
     /// Send `req` to node `peer` at `addr` and wait for the answer.
@@ -372,10 +381,10 @@ impl Transport {
                                 }
                             }
                             let budget = Duration::from_millis(req.timeout_ms.max(1));
-                            let tp = req.traceparent.clone();
+                            let scope = Scope::new(req.traceparent.clone(), budget);
                             let r = tokio::time::timeout(
                                 budget,
-                                in_trace(tp, handler.handle(caller, req)),
+                                in_scope(scope, handler.handle(caller, req)),
                             )
                             .await
                             .unwrap_or(Err(RpcError::Timeout(budget.as_millis() as u64)));
