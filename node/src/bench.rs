@@ -264,3 +264,125 @@ pub async fn ratelimit(
         limited.load(Ordering::Relaxed),
     ))
 }
+
+/// Settings of `dsys bench kv`.
+#[derive(Debug, Clone)]
+pub struct KvBench {
+    /// Requests in flight.
+    pub concurrency: usize,
+    /// Percent of operations that are reads (the rest are writes).
+    pub read_pct: u32,
+    /// How long to run.
+    pub duration: Duration,
+    /// Distinct keys.
+    pub keys: u64,
+    /// Value size in bytes.
+    pub value_size: usize,
+    /// Write quorum (None: the cluster's default).
+    pub w: Option<u8>,
+    /// Read quorum (None: the cluster's default).
+    pub r: Option<u8>,
+    /// Show a progress bar on stderr.
+    pub progress: bool,
+}
+
+/// Drive `kv` gets and puts against a running cluster, workers spread over every endpoint.
+/// Returns (read figures, write figures).
+pub async fn kv(
+    clients: Vec<dsys_runtime::Client>,
+    b: KvBench,
+) -> anyhow::Result<(Figures, Figures)> {
+    use dsys_plugin_kv::{KvApi, KvRequest};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    anyhow::ensure!(!clients.is_empty(), "no endpoints");
+    let clients = Arc::new(clients);
+    let done = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let end = start + b.duration;
+    let bar = if b.progress {
+        let pb = indicatif::ProgressBar::new(b.duration.as_millis() as u64);
+        pb.set_style(
+            indicatif::ProgressStyle::with_template("{bar:40} {elapsed}/{duration} {msg}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        Some(pb)
+    } else {
+        None
+    };
+    let ticker = {
+        let (bar, done, errors) = (bar.clone(), done.clone(), errors.clone());
+        tokio::spawn(async move {
+            let Some(bar) = bar else { return };
+            loop {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let el = start.elapsed();
+                let ops = done.load(Ordering::Relaxed);
+                bar.set_position(el.as_millis() as u64);
+                bar.set_message(format!(
+                    "{ops} ops, {:.0} ops/s, {} errors",
+                    ops as f64 / el.as_secs_f64().max(0.001),
+                    errors.load(Ordering::Relaxed)
+                ));
+            }
+        })
+    };
+    let mut workers = Vec::new();
+    for w in 0..b.concurrency {
+        let (clients, done, errors, b) = (clients.clone(), done.clone(), errors.clone(), b.clone());
+        workers.push(tokio::spawn(async move {
+            let client = &clients[w % clients.len()];
+            let (mut reads, mut writes) = (Vec::new(), Vec::new());
+            let mut i: u64 = w as u64;
+            let value = vec![b'x'; b.value_size];
+            while Instant::now() < end {
+                i = i
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let key = format!("bench-{}", (i >> 16) % b.keys.max(1));
+                let is_read = ((i >> 40) % 100) < b.read_pct as u64;
+                let req = if is_read {
+                    KvRequest::Get { key, r: b.r }
+                } else {
+                    KvRequest::Put {
+                        key,
+                        value: value.clone(),
+                        w: b.w,
+                    }
+                };
+                let t = Instant::now();
+                match client.call::<KvApi>(&req).await {
+                    Ok(_) => {
+                        let el = t.elapsed();
+                        if is_read {
+                            reads.push(el)
+                        } else {
+                            writes.push(el)
+                        }
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(_) => {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            (reads, writes)
+        }));
+    }
+    let (mut reads, mut writes) = (Vec::new(), Vec::new());
+    for w in workers {
+        let (r, wr) = w.await?;
+        reads.extend(r);
+        writes.extend(wr);
+    }
+    ticker.abort();
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    let wall = start.elapsed();
+    let errs = errors.load(Ordering::Relaxed);
+    Ok((
+        summarize("kv get", b.concurrency, reads, wall, 0),
+        summarize("kv put", b.concurrency, writes, wall, errs),
+    ))
+}

@@ -11,5 +11,6 @@ pub fn plugins() -> Vec<PluginFactory> {
     vec![
         plugin_factory::<dsys_plugin_ring::RingPlugin>(),
         plugin_factory::<dsys_plugin_ratelimit::RatelimitPlugin>(),
+        plugin_factory::<dsys_plugin_kv::KvPlugin>(),
     ]
 }

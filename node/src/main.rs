@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use dsys_plugin_kv::{KvApi, KvCommand};
 use dsys_plugin_ratelimit::{RatelimitApi, RatelimitCommand};
 use dsys_plugin_ring::{RingApi, RingCommand};
 use dsys_runtime::{
@@ -54,6 +55,9 @@ enum Cmd {
     /// Global rate limiter (design 7).
     #[command(subcommand)]
     Ratelimit(RatelimitCommand),
+    /// Dynamo-style replicated key-value store (design 21).
+    #[command(subcommand)]
+    Kv(KvCommand),
     /// Inject faults into the transport and gossip of every node.
     #[command(subcommand)]
     Chaos(ChaosCmd),
@@ -132,6 +136,30 @@ enum BenchCmd {
         /// Payload bytes per request.
         #[arg(long, default_value_t = 64)]
         payload: usize,
+    },
+    /// Key-value gets and puts against the running cluster, spread over every endpoint.
+    Kv {
+        /// Requests in flight.
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        /// READ:WRITE percentages, e.g. 50:50 or 0:100.
+        #[arg(long, default_value = "50:50")]
+        ratio: String,
+        /// How long to run.
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        duration: Duration,
+        /// Distinct keys.
+        #[arg(long, default_value_t = 10_000)]
+        keys: u64,
+        /// Value size in bytes.
+        #[arg(long, default_value_t = 100)]
+        value_size: usize,
+        /// Write quorum.
+        #[arg(long)]
+        w: Option<u8>,
+        /// Read quorum.
+        #[arg(long)]
+        r: Option<u8>,
     },
     /// Rate-limit decisions against the running cluster, spread over every endpoint.
     Ratelimit {
@@ -230,6 +258,7 @@ async fn run(cli: Cli) -> Result<u8, Fail> {
         }
         Cmd::Ring(c) => call::<RingApi>(&cli, c.request()).await,
         Cmd::Ratelimit(c) => call::<RatelimitApi>(&cli, c.request()).await,
+        Cmd::Kv(c) => call::<KvApi>(&cli, c.request()).await,
         Cmd::Chaos(c) => chaos(&cli, c).await,
         Cmd::Bench(BenchCmd::Ratelimit {
             rule,
@@ -258,6 +287,47 @@ async fn run(cli: Cli) -> Result<u8, Fail> {
             } else {
                 print_figures(std::slice::from_ref(&f));
                 println!("allowed {allowed}, limited {limited}");
+            }
+            Ok(0)
+        }
+        Cmd::Bench(BenchCmd::Kv {
+            concurrency,
+            ratio,
+            duration,
+            keys,
+            value_size,
+            w,
+            r,
+        }) => {
+            let read_pct = parse_ratio(ratio)?;
+            if *concurrency == 0 || *concurrency > 4096 {
+                return Err(usage("--concurrency must be 1..=4096"));
+            }
+            if *value_size > dsys_plugin_kv::MAX_VALUE_BYTES {
+                return Err(usage("--value-size is capped at 1 MiB"));
+            }
+            let clients = endpoints(&cli)?
+                .into_iter()
+                .map(|e| Client::new(&identity(&cli)?, vec![e], cli.timeout).map_err(Fail::from))
+                .collect::<Result<Vec<_>, Fail>>()?;
+            let settings = dsys_node::bench::KvBench {
+                concurrency: *concurrency,
+                read_pct,
+                duration: *duration,
+                keys: *keys,
+                value_size: *value_size,
+                w: *w,
+                r: *r,
+                progress: !cli.json,
+            };
+            let (reads, writes) = dsys_node::bench::kv(clients, settings)
+                .await
+                .map_err(|e| Fail(3, format!("{e:#}")))?;
+            if cli.json {
+                print_json(&serde_json::json!({ "reads": reads, "writes": writes }));
+            } else {
+                print_figures(&[reads.clone(), writes.clone()]);
+                println!("total {:.0} ops/s", reads.rps + writes.rps);
             }
             Ok(0)
         }
@@ -295,6 +365,23 @@ async fn run(cli: Cli) -> Result<u8, Fail> {
             Ok(0)
         }
     }
+}
+
+fn parse_ratio(s: &str) -> Result<u32, Fail> {
+    let bad = || {
+        usage(format!(
+            "--ratio `{s}`: expected READ:WRITE percentages adding up to 100, e.g. 50:50"
+        ))
+    };
+    let (r, w) = s.split_once(':').ok_or_else(bad)?;
+    let (r, w): (u32, u32) = (
+        r.trim().parse().map_err(|_| bad())?,
+        w.trim().parse().map_err(|_| bad())?,
+    );
+    if r + w != 100 {
+        return Err(bad());
+    }
+    Ok(r)
 }
 
 fn print_figures(figs: &[dsys_node::bench::Figures]) {

@@ -1,0 +1,608 @@
+//! `kv` (design 21): a Dynamo-style replicated key-value store. Any node coordinates a
+//! request: it hashes the key onto the ring, sends it to the key's N replicas (the preference
+//! list) and answers after W acknowledgements (writes) or R replies (reads). Replicas fsync
+//! to their WAL before acknowledging. A replica that does not answer gets a durable hint kept
+//! by another node and delivered when it is back; reads repair stale replicas; concurrent
+//! writes resolve by last-write-wins on hybrid logical clock timestamps; deletes are
+//! tombstones; anti-entropy (Merkle trees, `anti_entropy.rs`) runs on every membership change
+//! and periodically, so every key again has N replicas after nodes come and go.
+#![warn(missing_docs, unreachable_pub)]
+
+mod anti_entropy;
+mod api;
+mod quorum;
+mod store;
+mod version;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use dsys_runtime::{Caller, ClusterEvent, Plugin, PluginContext, RpcError};
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+pub use api::{
+    KvApi, KvCommand, KvRequest, KvResponse, KvStats, MAX_BATCH, MAX_KEY_BYTES, MAX_SCAN,
+    MAX_VALUE_BYTES,
+};
+pub use version::{newest, Hlc, HlcClock, Version};
+
+use quorum::{Outcome, Quorum};
+use store::Store;
+
+/// `[plugins.kv]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KvConfig {
+    /// Replicas per key.
+    pub n: u8,
+    /// Default write quorum.
+    pub w: u8,
+    /// Default read quorum.
+    pub r: u8,
+    /// How often hints are offered to their targets.
+    pub hint_interval_ms: u64,
+    /// How often anti-entropy runs besides membership changes.
+    pub anti_entropy_interval_ms: u64,
+    /// Merkle tree depth (2^depth leaves).
+    pub merkle_depth: u32,
+    /// Snapshot (and truncate the WAL) after this many records.
+    pub snapshot_every: u64,
+    /// Tombstones older than this are dropped at the next snapshot. A replica that is away
+    /// longer than this can bring a deleted key back, so keep it above the longest outage.
+    pub tombstone_grace_ms: u64,
+}
+
+impl Default for KvConfig {
+    fn default() -> Self {
+        KvConfig {
+            n: 3,
+            w: 2,
+            r: 2,
+            hint_interval_ms: 1000,
+            anti_entropy_interval_ms: 10_000,
+            merkle_depth: 12,
+            snapshot_every: 50_000,
+            tombstone_grace_ms: 3_600_000,
+        }
+    }
+}
+
+impl KvConfig {
+    fn validate(&self) -> Result<(), String> {
+        if !(1..=7).contains(&self.n) {
+            return Err("plugins.kv.n must be 1..=7".into());
+        }
+        if self.w == 0 || self.w > self.n || self.r == 0 || self.r > self.n {
+            return Err("plugins.kv.w and plugins.kv.r must be 1..=n".into());
+        }
+        if self.merkle_depth > dsys_runtime::MerkleTree::MAX_DEPTH {
+            return Err("plugins.kv.merkle_depth must be <= 16".into());
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    hints_delivered: AtomicU64,
+    read_repairs: AtomicU64,
+    rebalanced: AtomicU64,
+}
+
+struct Inner {
+    ctx: PluginContext,
+    cfg: KvConfig,
+    store: Store,
+    hlc: Mutex<HlcClock>,
+    counters: Counters,
+    ae: anti_entropy::State,
+}
+
+/// The plugin instance.
+pub struct KvPlugin {
+    inner: Arc<Inner>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for KvPlugin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "KvPlugin({})", self.inner.ctx.node_id)
+    }
+}
+
+impl Drop for KvPlugin {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn refused(msg: impl Into<String>) -> RpcError {
+    RpcError::Refused(msg.into())
+}
+
+fn check_key(key: &str) -> Result<(), RpcError> {
+    if key.is_empty() || key.len() > MAX_KEY_BYTES {
+        return Err(refused(format!("key must be 1..={MAX_KEY_BYTES} bytes")));
+    }
+    Ok(())
+}
+
+fn check_items(items: &[(String, Version)]) -> Result<(), RpcError> {
+    if items.len() > MAX_BATCH {
+        return Err(refused(format!("at most {MAX_BATCH} items per batch")));
+    }
+    for (k, v) in items {
+        check_key(k)?;
+        if v.value.as_ref().map(Vec::len).unwrap_or(0) > MAX_VALUE_BYTES {
+            return Err(refused(format!(
+                "value larger than {MAX_VALUE_BYTES} bytes"
+            )));
+        }
+    }
+    Ok(())
+}
+
+impl Inner {
+    fn me(&self) -> &str {
+        &self.ctx.node_id
+    }
+
+    fn observe(&self, items: &[(String, Version)]) {
+        let mut c = self.hlc.lock().unwrap_or_else(|p| p.into_inner());
+        for (_, v) in items {
+            c.observe(v.ts);
+        }
+    }
+
+    /// Coordinate a write (a put, or a delete when `value` is None).
+    async fn write(
+        &self,
+        key: String,
+        value: Option<Vec<u8>>,
+        w: Option<u8>,
+    ) -> Result<KvResponse, RpcError> {
+        check_key(&key)?;
+        if value.as_ref().map(Vec::len).unwrap_or(0) > MAX_VALUE_BYTES {
+            return Err(refused(format!(
+                "value larger than {MAX_VALUE_BYTES} bytes"
+            )));
+        }
+        let w = w.unwrap_or(self.cfg.w);
+        if w == 0 || w > self.cfg.n {
+            return Err(refused(format!("--w must be 1..={}", self.cfg.n)));
+        }
+        let ring = self.ctx.ring();
+        let all = ring.preference_list(key.as_bytes(), ring.nodes().len());
+        let n = (self.cfg.n as usize).min(all.len());
+        let (prefs, fallbacks) = all.split_at(n);
+        if (w as usize) > all.len() {
+            return Err(RpcError::Unreachable(format!(
+                "W={w} but only {} nodes are alive",
+                all.len()
+            )));
+        }
+        let version = Version {
+            ts: self
+                .hlc
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .now(wall_ms()),
+            origin: self.me().to_string(),
+            value,
+        };
+        let (tx, mut rx) = mpsc::channel::<(bool, bool)>(prefs.len().max(1));
+        for (i, target) in prefs.iter().enumerate() {
+            // Hints for a silent replica go to the nodes after the preference list, or to
+            // this coordinator when there are none.
+            let holder = fallbacks
+                .get(i % fallbacks.len().max(1))
+                .cloned()
+                .unwrap_or_else(|| self.me().to_string());
+            let (rpc, tx, target) = (self.ctx.rpc.clone(), tx.clone(), target.clone());
+            let item = vec![(key.clone(), version.clone())];
+            tokio::spawn(async move {
+                let ok = rpc
+                    .call::<KvApi>(&target, &KvRequest::Replicate(item.clone()))
+                    .await
+                    .is_ok();
+                if ok {
+                    let _ = tx.send((true, false)).await;
+                    return;
+                }
+                let hinted = holder != target
+                    && rpc
+                        .call::<KvApi>(
+                            &holder,
+                            &KvRequest::StoreHints {
+                                target,
+                                items: item,
+                            },
+                        )
+                        .await
+                        .is_ok();
+                let _ = tx.send((hinted, hinted)).await;
+            });
+        }
+        drop(tx);
+        let mut q = Quorum::new(w as usize, prefs.len());
+        let mut hinted = 0u8;
+        while let Some((ok, via_hint)) = rx.recv().await {
+            hinted += via_hint as u8;
+            match q.record(ok) {
+                Outcome::Reached => {
+                    return Ok(KvResponse::Written {
+                        version,
+                        acks: q.ok() as u8,
+                        hinted,
+                    })
+                }
+                Outcome::Impossible => break,
+                Outcome::Pending => {}
+            }
+        }
+        Err(RpcError::Unreachable(format!(
+            "write acknowledged by {} of the W={w} replicas needed (it may still be applied on those)",
+            q.ok()
+        )))
+    }
+
+    /// Coordinate a read: newest of R replies; stale replicas are repaired afterwards.
+    async fn read(self: &Arc<Self>, key: String, r: Option<u8>) -> Result<KvResponse, RpcError> {
+        check_key(&key)?;
+        let r = r.unwrap_or(self.cfg.r);
+        if r == 0 || r > self.cfg.n {
+            return Err(refused(format!("--r must be 1..={}", self.cfg.n)));
+        }
+        let prefs = self
+            .ctx
+            .ring()
+            .preference_list(key.as_bytes(), self.cfg.n as usize);
+        if (r as usize) > prefs.len() {
+            return Err(RpcError::Unreachable(format!(
+                "R={r} but only {} nodes are alive",
+                prefs.len()
+            )));
+        }
+        let (tx, mut rx) = mpsc::channel::<(String, Option<Option<Version>>)>(prefs.len());
+        for target in &prefs {
+            let (rpc, tx, target, key) = (
+                self.ctx.rpc.clone(),
+                tx.clone(),
+                target.clone(),
+                key.clone(),
+            );
+            tokio::spawn(async move {
+                let got = match rpc.call::<KvApi>(&target, &KvRequest::Read(key)).await {
+                    Ok(KvResponse::Local(v)) => Some(v),
+                    _ => None,
+                };
+                let _ = tx.send((target, got)).await;
+            });
+        }
+        drop(tx);
+        let mut q = Quorum::new(r as usize, prefs.len());
+        let mut replies: Vec<(String, Option<Version>)> = Vec::new();
+        let mut outcome = Outcome::Pending;
+        while outcome == Outcome::Pending {
+            let Some((node, got)) = rx.recv().await else {
+                break;
+            };
+            if let Some(v) = got.clone() {
+                replies.push((node, v));
+            }
+            outcome = q.record(got.is_some());
+        }
+        if outcome != Outcome::Reached {
+            return Err(RpcError::Unreachable(format!(
+                "read answered by {} of the R={r} replicas needed",
+                q.ok()
+            )));
+        }
+        let best = replies
+            .iter()
+            .fold(None, |acc, (_, v)| newest(acc, v.clone()));
+        // Read repair, after answering: wait for the slower replicas too, then bring every
+        // replica that answered with an older version (or none) up to the newest.
+        let this = self.clone();
+        let n_replies = replies.len() as u8;
+        let key2 = key.clone();
+        tokio::spawn(async move {
+            while let Ok(Some((node, got))) =
+                tokio::time::timeout(Duration::from_secs(5), rx.recv()).await
+            {
+                if let Some(v) = got {
+                    replies.push((node, v));
+                }
+            }
+            let Some(best) = replies
+                .iter()
+                .fold(None, |acc, (_, v)| newest(acc, v.clone()))
+            else {
+                return;
+            };
+            for (node, v) in replies {
+                let stale = v.map(|v| best.newer_than(&v)).unwrap_or(true);
+                if stale {
+                    let req = KvRequest::Replicate(vec![(key2.clone(), best.clone())]);
+                    if this.ctx.rpc.call::<KvApi>(&node, &req).await.is_ok() {
+                        this.counters.read_repairs.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        });
+        Ok(KvResponse::Value {
+            key,
+            version: best,
+            replies: n_replies,
+        })
+    }
+
+    async fn scan(&self, prefix: String, limit: usize) -> Result<KvResponse, RpcError> {
+        if limit == 0 || limit > MAX_SCAN {
+            return Err(refused(format!("--limit must be 1..={MAX_SCAN}")));
+        }
+        if prefix.len() > MAX_KEY_BYTES {
+            return Err(refused("prefix too long"));
+        }
+        let nodes = self.ctx.ring().nodes().to_vec();
+        let mut tasks = Vec::new();
+        for n in nodes {
+            let (rpc, p) = (self.ctx.rpc.clone(), prefix.clone());
+            tasks.push(tokio::spawn(async move {
+                rpc.call::<KvApi>(&n, &KvRequest::LocalScan { prefix: p, limit })
+                    .await
+            }));
+        }
+        let mut merged: std::collections::BTreeMap<String, Version> = Default::default();
+        for t in tasks {
+            if let Ok(Ok(KvResponse::Items(items))) = t.await {
+                for (k, v) in items {
+                    let cur = merged.remove(&k);
+                    if let Some(v) = newest(cur, Some(v)) {
+                        merged.insert(k, v);
+                    }
+                }
+            }
+        }
+        Ok(KvResponse::Items(
+            merged
+                .into_iter()
+                .filter(|(_, v)| v.value.is_some())
+                .take(limit)
+                .collect(),
+        ))
+    }
+
+    async fn locate(&self, key: String) -> Result<KvResponse, RpcError> {
+        check_key(&key)?;
+        let mut out = Vec::new();
+        for n in self.ctx.ring().nodes().to_vec() {
+            if let Ok(KvResponse::Local(v)) = self
+                .ctx
+                .rpc
+                .call::<KvApi>(&n, &KvRequest::Read(key.clone()))
+                .await
+            {
+                if v.is_some() {
+                    out.push((n, v));
+                }
+            }
+        }
+        Ok(KvResponse::Located(out))
+    }
+
+    fn stats(&self) -> KvStats {
+        let (keys, tombstones) = self.store.counts();
+        KvStats {
+            node: self.me().to_string(),
+            keys,
+            tombstones,
+            hints: self.store.hint_count(),
+            hints_delivered: self.counters.hints_delivered.load(Ordering::Relaxed),
+            read_repairs: self.counters.read_repairs.load(Ordering::Relaxed),
+            rebalanced: self.counters.rebalanced.load(Ordering::Relaxed),
+            wal_lsn: self.store.wal_lsn(),
+            snapshots: self.store.snapshots.load(Ordering::Relaxed),
+            ae_exchanges: self.ae.exchanges.load(Ordering::Relaxed),
+            ae_bytes: self.ae.bytes.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Offer waiting hints to targets that are alive.
+    async fn deliver_hints(&self) {
+        let view = self.ctx.membership.view();
+        for (target, hints) in self.store.hints_by_target() {
+            let alive = view
+                .members
+                .get(&target)
+                .map(|m| m.state == dsys_runtime::MemberState::Alive)
+                .unwrap_or(false);
+            if !alive {
+                continue;
+            }
+            for chunk in hints.chunks(512) {
+                let items: Vec<(String, Version)> = chunk
+                    .iter()
+                    .map(|(_, k, v)| (k.clone(), v.clone()))
+                    .collect();
+                if self
+                    .ctx
+                    .rpc
+                    .call::<KvApi>(&target, &KvRequest::Replicate(items))
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+                let ids: Vec<u64> = chunk.iter().map(|(id, _, _)| *id).collect();
+                let n = ids.len() as u64;
+                if let Err(e) = self.store.hints_done(ids).await {
+                    tracing::warn!("kv: recording delivered hints: {e}");
+                    return;
+                }
+                self.counters
+                    .hints_delivered
+                    .fetch_add(n, Ordering::Relaxed);
+            }
+        }
+    }
+
+    async fn maybe_snapshot(&self) {
+        if self.store.since_snapshot() >= self.cfg.snapshot_every {
+            let before = wall_ms().saturating_sub(self.cfg.tombstone_grace_ms);
+            if let Err(e) = self.store.snapshot(before).await {
+                tracing::error!("kv snapshot failed: {e}");
+            }
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Plugin for KvPlugin {
+    type Api = KvApi;
+
+    async fn start(ctx: PluginContext) -> Result<Self, String> {
+        let cfg: KvConfig = ctx.plugin_config("kv").map_err(|e| e.to_string())?;
+        cfg.validate()?;
+        tokio::fs::create_dir_all(&ctx.data_dir)
+            .await
+            .map_err(|e| format!("{}: {e}", ctx.data_dir.display()))?;
+        let store = Store::open(&ctx.data_dir)
+            .await
+            .map_err(|e| e.to_string())?;
+        let inner = Arc::new(Inner {
+            ae: anti_entropy::State::default(),
+            ctx,
+            cfg,
+            store,
+            hlc: Mutex::new(HlcClock::default()),
+            counters: Counters::default(),
+        });
+        let mut tasks = Vec::new();
+        let weak = Arc::downgrade(&inner);
+        let every = Duration::from_millis(inner.cfg.hint_interval_ms.max(50));
+        tasks.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                let Some(inner) = weak.upgrade() else { return };
+                inner.deliver_hints().await;
+                inner.maybe_snapshot().await;
+            }
+        }));
+        tasks.push(anti_entropy::spawn(Arc::downgrade(&inner)));
+        Ok(KvPlugin { inner, tasks })
+    }
+
+    async fn handle(&self, _caller: Caller, req: KvRequest) -> Result<KvResponse, RpcError> {
+        let i = &self.inner;
+        match req {
+            KvRequest::Put { key, value, w } => i.write(key, Some(value), w).await,
+            KvRequest::Del { key, w } => i.write(key, None, w).await,
+            KvRequest::Get { key, r } => i.read(key, r).await,
+            KvRequest::Scan { prefix, limit } => i.scan(prefix, limit).await,
+            KvRequest::Locate { key } => i.locate(key).await,
+            KvRequest::Stats => Ok(KvResponse::Stats(i.stats())),
+            KvRequest::Replicate(items) => {
+                check_items(&items)?;
+                i.observe(&items);
+                let n = i
+                    .store
+                    .apply(items)
+                    .await
+                    .map_err(|e| RpcError::Internal(e.to_string()))?;
+                Ok(KvResponse::Applied(n))
+            }
+            KvRequest::Read(key) => {
+                check_key(&key)?;
+                Ok(KvResponse::Local(i.store.get(&key)))
+            }
+            KvRequest::LocalScan { prefix, limit } => {
+                if limit == 0 || limit > MAX_SCAN {
+                    return Err(refused(format!("limit must be 1..={MAX_SCAN}")));
+                }
+                Ok(KvResponse::Items(i.store.scan(&prefix, limit)))
+            }
+            KvRequest::StoreHints { target, items } => {
+                check_items(&items)?;
+                let n = items.len();
+                i.store
+                    .add_hints(&target, items)
+                    .await
+                    .map_err(|e| RpcError::Internal(e.to_string()))?;
+                Ok(KvResponse::Applied(n))
+            }
+            KvRequest::MerkleNodes {
+                peer,
+                depth,
+                level,
+                indices,
+                ring,
+            } => {
+                if depth > dsys_runtime::MerkleTree::MAX_DEPTH
+                    || level > depth
+                    || indices.len() > (1 << depth)
+                {
+                    return Err(refused("bad merkle request"));
+                }
+                if ring != anti_entropy::fingerprint(&i.ctx.ring()) {
+                    return Err(RpcError::Unreachable(
+                        "ring views differ; retry when membership settles".into(),
+                    ));
+                }
+                Ok(KvResponse::Hashes(anti_entropy::nodes(
+                    i, &peer, depth, level, &indices,
+                )))
+            }
+            KvRequest::LeafSummaries {
+                peer,
+                depth,
+                leaves,
+            } => {
+                if depth > dsys_runtime::MerkleTree::MAX_DEPTH || leaves.len() > (1 << depth) {
+                    return Err(refused("bad leaf request"));
+                }
+                let items = anti_entropy::leaf_items(i, &peer, depth, &leaves);
+                Ok(KvResponse::Summaries(
+                    items
+                        .into_iter()
+                        .map(|(k, v)| (k, v.ts, v.digest()))
+                        .collect(),
+                ))
+            }
+            KvRequest::Fetch(keys) => {
+                if keys.len() > MAX_BATCH {
+                    return Err(refused(format!("at most {MAX_BATCH} keys per fetch")));
+                }
+                Ok(KvResponse::Items(
+                    keys.into_iter()
+                        .filter_map(|k| i.store.get(&k).map(|v| (k, v)))
+                        .collect(),
+                ))
+            }
+        }
+    }
+
+    async fn on_cluster_event(&self, event: ClusterEvent) {
+        if matches!(
+            event,
+            ClusterEvent::Joined(_)
+                | ClusterEvent::Back(_)
+                | ClusterEvent::Dead(_)
+                | ClusterEvent::Left(_)
+        ) {
+            self.inner.ae.trigger();
+        }
+    }
+}
