@@ -361,8 +361,10 @@ pub async fn kv(
                         }
                         done.fetch_add(1, Ordering::Relaxed);
                     }
-                    Err(_) => {
-                        errors.fetch_add(1, Ordering::Relaxed);
+                    Err(e) => {
+                        if errors.fetch_add(1, Ordering::Relaxed) < 3 {
+                            eprintln!("error (after {} ms): {e}", t.elapsed().as_millis());
+                        }
                     }
                 }
             }

@@ -11,6 +11,7 @@ pub fn plugins() -> Vec<PluginFactory> {
     vec![
         plugin_factory::<dsys_plugin_ring::RingPlugin>(),
         plugin_factory::<dsys_plugin_ratelimit::RatelimitPlugin>(),
+        plugin_factory::<dsys_plugin_wal::WalPlugin>(),
         plugin_factory::<dsys_plugin_kv::KvPlugin>(),
     ]
 }

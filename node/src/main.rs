@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 use dsys_plugin_kv::{KvApi, KvCommand};
 use dsys_plugin_ratelimit::{RatelimitApi, RatelimitCommand};
 use dsys_plugin_ring::{RingApi, RingCommand};
+use dsys_plugin_wal::{WalApi, WalCommand};
 use dsys_runtime::{
     Api, Client, ClientError, ClusterConfig, ClusterStatus, FaultCommand, Node, NodeOptions,
     Render, RpcError, SysApi, SysRequest, SysResponse, TlsIdentity,
@@ -58,6 +59,9 @@ enum Cmd {
     /// Dynamo-style replicated key-value store (design 21).
     #[command(subcommand)]
     Kv(KvCommand),
+    /// Write-ahead log of each node (design 40).
+    #[command(subcommand)]
+    Wal(WalCommand),
     /// Inject faults into the transport and gossip of every node.
     #[command(subcommand)]
     Chaos(ChaosCmd),
@@ -136,6 +140,15 @@ enum BenchCmd {
         /// Payload bytes per request.
         #[arg(long, default_value_t = 64)]
         payload: usize,
+    },
+    /// The WAL's group commit beside a plain write+fdatasync loop, on this machine's disk.
+    Wal {
+        /// Time per measurement.
+        #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+        duration: Duration,
+        /// Folder on the disk to measure (a scratch subfolder is made and removed).
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
     },
     /// Key-value gets and puts against the running cluster, spread over every endpoint.
     Kv {
@@ -259,6 +272,24 @@ async fn run(cli: Cli) -> Result<u8, Fail> {
         Cmd::Ring(c) => call::<RingApi>(&cli, c.request()).await,
         Cmd::Ratelimit(c) => call::<RatelimitApi>(&cli, c.request()).await,
         Cmd::Kv(c) => call::<KvApi>(&cli, c.request()).await,
+        Cmd::Wal(c) => call::<WalApi>(&cli, c.request()).await,
+        Cmd::Bench(BenchCmd::Wal { duration, dir }) => {
+            let scratch = tempfile::Builder::new()
+                .prefix("wal-bench-")
+                .tempdir_in(dir)
+                .map_err(|e| usage(format!("--dir {}: {e}", dir.display())))?;
+            let mut opts = dsys_plugin_wal::bench::BenchOptions::new(scratch.path());
+            opts.duration = *duration;
+            let figs = dsys_plugin_wal::bench::bench(&opts)
+                .await
+                .map_err(|e| Fail(1, e.to_string()))?;
+            if cli.json {
+                print_json(&figs);
+            } else {
+                print!("{}", dsys_plugin_wal::bench::table(&figs));
+            }
+            Ok(0)
+        }
         Cmd::Chaos(c) => chaos(&cli, c).await,
         Cmd::Bench(BenchCmd::Ratelimit {
             rule,
@@ -269,13 +300,7 @@ async fn run(cli: Cli) -> Result<u8, Fail> {
             if *concurrency == 0 || *concurrency > 4096 {
                 return Err(usage("--concurrency must be 1..=4096"));
             }
-            let clients = endpoints(&cli)?
-                .into_iter()
-                .map(|e| {
-                    let id = identity(&cli)?;
-                    Client::new(&id, vec![e], cli.timeout).map_err(Fail::from)
-                })
-                .collect::<Result<Vec<_>, Fail>>()?;
+            let clients = spread_clients(&cli)?;
             let (f, allowed, limited) =
                 dsys_node::bench::ratelimit(clients, rule.clone(), *keys, *concurrency, *duration)
                     .await
@@ -306,10 +331,7 @@ async fn run(cli: Cli) -> Result<u8, Fail> {
             if *value_size > dsys_plugin_kv::MAX_VALUE_BYTES {
                 return Err(usage("--value-size is capped at 1 MiB"));
             }
-            let clients = endpoints(&cli)?
-                .into_iter()
-                .map(|e| Client::new(&identity(&cli)?, vec![e], cli.timeout).map_err(Fail::from))
-                .collect::<Result<Vec<_>, Fail>>()?;
+            let clients = spread_clients(&cli)?;
             let settings = dsys_node::bench::KvBench {
                 concurrency: *concurrency,
                 read_pct,
@@ -444,6 +466,20 @@ fn identity(cli: &Cli) -> Result<TlsIdentity, Fail> {
         None => PathBuf::from("run/certs"),
     };
     TlsIdentity::load(&certs, "cli").map_err(|e| usage(e.to_string()))
+}
+
+/// One client per endpoint, each starting at its own endpoint and failing over to the others,
+/// so load spreads over every node and a dead one is skipped.
+fn spread_clients(cli: &Cli) -> Result<Vec<Client>, Fail> {
+    let eps = endpoints(cli)?;
+    let id = identity(cli)?;
+    (0..eps.len())
+        .map(|i| {
+            let mut rotated = eps.clone();
+            rotated.rotate_left(i);
+            Client::new(&id, rotated, cli.timeout).map_err(Fail::from)
+        })
+        .collect()
 }
 
 fn client(cli: &Cli) -> Result<Client, Fail> {

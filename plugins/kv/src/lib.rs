@@ -10,6 +10,7 @@
 
 mod anti_entropy;
 mod api;
+mod batcher;
 mod quorum;
 mod store;
 mod version;
@@ -93,6 +94,7 @@ struct Counters {
 
 struct Inner {
     ctx: PluginContext,
+    batcher: Arc<batcher::Batcher>,
     cfg: KvConfig,
     store: Store,
     hlc: Mutex<HlcClock>,
@@ -211,11 +213,9 @@ impl Inner {
                 .unwrap_or_else(|| self.me().to_string());
             let (rpc, tx, target) = (self.ctx.rpc.clone(), tx.clone(), target.clone());
             let item = vec![(key.clone(), version.clone())];
+            let batcher = self.batcher.clone();
             tokio::spawn(async move {
-                let ok = rpc
-                    .call::<KvApi>(&target, &KvRequest::Replicate(item.clone()))
-                    .await
-                    .is_ok();
+                let ok = batcher.replicate(&target, item.clone()).await;
                 if ok {
                     let _ = tx.send((true, false)).await;
                     return;
@@ -483,6 +483,7 @@ impl Plugin for KvPlugin {
             .map_err(|e| e.to_string())?;
         let inner = Arc::new(Inner {
             ae: anti_entropy::State::default(),
+            batcher: Arc::new(batcher::Batcher::new(ctx.rpc.clone())),
             ctx,
             cfg,
             store,
