@@ -329,3 +329,74 @@ fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()>
     std::fs::rename(&tmp, dir.join(name))?;
     std::fs::File::open(dir)?.sync_all()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::version::Hlc;
+
+    fn v(ms: u64, val: Option<&str>) -> Version {
+        Version {
+            ts: Hlc { ms, logical: 0 },
+            origin: "n1".into(),
+            value: val.map(|s| s.as_bytes().to_vec()),
+        }
+    }
+
+    #[tokio::test]
+    async fn survives_reopen_through_wal_and_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(dir.path()).await.unwrap();
+            assert_eq!(
+                s.apply(vec![
+                    ("a".into(), v(10, Some("1"))),
+                    ("b".into(), v(10, Some("2")))
+                ])
+                .await
+                .unwrap(),
+                2
+            );
+            // Older versions are not applied; newer ones are.
+            assert_eq!(
+                s.apply(vec![("a".into(), v(5, Some("old")))])
+                    .await
+                    .unwrap(),
+                0
+            );
+            s.apply(vec![
+                ("gone".into(), v(20, None)),
+                ("old-tomb".into(), v(1, None)),
+            ])
+            .await
+            .unwrap();
+            s.add_hints("n3", vec![("h".into(), v(30, Some("x")))])
+                .await
+                .unwrap();
+            // Snapshot drops tombstones older than 15 and truncates the log behind it.
+            s.snapshot(15).await.unwrap();
+            s.apply(vec![("a".into(), v(40, Some("3")))]).await.unwrap();
+            let ids: Vec<u64> = s.hints_by_target()["n3"].iter().map(|h| h.0).collect();
+            s.add_hints("n4", vec![("i".into(), v(50, Some("y")))])
+                .await
+                .unwrap();
+            s.hints_done(ids).await.unwrap();
+        }
+        let s = Store::open(dir.path()).await.unwrap();
+        assert_eq!(s.get("a").unwrap().value.as_deref(), Some(&b"3"[..]));
+        assert_eq!(s.get("b").unwrap().value.as_deref(), Some(&b"2"[..]));
+        assert!(
+            s.get("gone").unwrap().value.is_none(),
+            "recent tombstone kept"
+        );
+        assert!(
+            s.get("old-tomb").is_none(),
+            "old tombstone dropped by the snapshot"
+        );
+        let hints = s.hints_by_target();
+        assert!(!hints.contains_key("n3"), "delivered hints stay delivered");
+        assert_eq!(hints["n4"].len(), 1);
+        assert_eq!(s.counts(), (2, 1));
+        assert_eq!(s.scan("", 10).len(), 3);
+    }
+}
