@@ -31,15 +31,8 @@ fn value_of(r: &KvResponse) -> Option<String> {
 #[test]
 fn acknowledged_writes_survive_sigkills() {
     let (agents, cfg, eps) = Agents::start_with(5, KV);
-    let all_alive = |ep| {
-        status(&cfg, ep)
-            .map(|s| s.iter().filter(|m| m.1 == "alive").count() == 5)
-            .unwrap_or(false)
-    };
     assert!(
-        wait(Duration::from_secs(60), || eps
-            .iter()
-            .all(|e| all_alive(*e))),
+        converged(&cfg, &eps, 5, Duration::from_secs(60)),
         "5 agents did not converge"
     );
     let certs = agents.dir.path().join("certs");
@@ -127,9 +120,7 @@ fn acknowledged_writes_survive_sigkills() {
     let kills = killer.join().expect("killer");
     // Everyone back and seeing everyone.
     assert!(
-        wait(Duration::from_secs(60), || eps
-            .iter()
-            .all(|e| all_alive(*e))),
+        converged(&cfg, &eps, 5, Duration::from_secs(60)),
         "cluster did not recover"
     );
 

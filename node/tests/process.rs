@@ -11,15 +11,8 @@ use common::*;
 #[test]
 fn sigkilled_agent_is_seen_dead_then_back() {
     let (mut agents, cfg, eps) = Agents::start(3);
-    let all_alive = |ep| {
-        status(&cfg, ep)
-            .map(|s| s.iter().filter(|m| m.1 == "alive").count() == 3)
-            .unwrap_or(false)
-    };
     assert!(
-        wait(Duration::from_secs(60), || eps
-            .iter()
-            .all(|e| all_alive(*e))),
+        converged(&cfg, &eps, 3, Duration::from_secs(60)),
         "3 agents did not converge"
     );
     let old_gen = state_of(&status(&cfg, eps[0]).expect("status"), "n2")

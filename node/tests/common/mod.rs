@@ -171,3 +171,13 @@ pub(crate) fn wait(deadline: Duration, mut f: impl FnMut() -> bool) -> bool {
 pub(crate) fn state_of(st: &[(String, String, u64)], id: &str) -> Option<(String, u64)> {
     st.iter().find(|m| m.0 == id).map(|m| (m.1.clone(), m.2))
 }
+
+/// Wait until every endpoint reports exactly `n` members alive.
+pub(crate) fn converged(cfg: &Path, eps: &[SocketAddr], n: usize, deadline: Duration) -> bool {
+    let all_alive = |ep: SocketAddr| {
+        status(cfg, ep)
+            .map(|s| s.iter().filter(|m| m.1 == "alive").count() == n)
+            .unwrap_or(false)
+    };
+    wait(deadline, || eps.iter().all(|e| all_alive(*e)))
+}
