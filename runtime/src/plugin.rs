@@ -634,3 +634,20 @@ pub trait Render {
         0
     }
 }
+
+/// Declare a plugin's [`Api`] marker: `plugin_api!(KvApi, "kv", KvRequest, KvResponse);`
+/// makes a unit struct `KvApi` naming the plugin on the wire and its request/response types.
+#[macro_export]
+macro_rules! plugin_api {
+    ($name:ident, $wire:literal, $req:ty, $resp:ty) => {
+        #[doc = concat!("Marker naming the `", $wire, "` plugin and its wire types.")]
+        #[derive(Debug)]
+        pub struct $name;
+
+        impl $crate::Api for $name {
+            const NAME: &'static str = $wire;
+            type Request = $req;
+            type Response = $resp;
+        }
+    };
+}

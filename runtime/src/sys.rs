@@ -8,18 +8,10 @@ use serde::{Deserialize, Serialize};
 use crate::config::ClusterConfig;
 use crate::faults::{FaultCommand, FaultRules, Faults};
 use crate::membership::{MemberState, MembershipHandle};
-use crate::plugin::{Api, PluginHost, PluginStatus};
+use crate::plugin::{PluginHost, PluginStatus};
 use crate::rpc::{Caller, RpcError};
 
-/// Marker for the `sys` service.
-#[derive(Debug)]
-pub struct SysApi;
-
-impl Api for SysApi {
-    const NAME: &'static str = "sys";
-    type Request = SysRequest;
-    type Response = SysResponse;
-}
+crate::plugin_api!(SysApi, "sys", SysRequest, SysResponse);
 
 /// Requests to `sys`.
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -1,19 +1,11 @@
 //! Wire types of the `kv` plugin and the `dsys kv` subcommand.
 
-use dsys_runtime::{Api, Render};
+use dsys_runtime::Render;
 use serde::{Deserialize, Serialize};
 
 use crate::version::Version;
 
-/// Marker naming the plugin and its types.
-#[derive(Debug)]
-pub struct KvApi;
-
-impl Api for KvApi {
-    const NAME: &'static str = "kv";
-    type Request = KvRequest;
-    type Response = KvResponse;
-}
+dsys_runtime::plugin_api!(KvApi, "kv", KvRequest, KvResponse);
 
 /// Longest key.
 pub const MAX_KEY_BYTES: usize = 1024;

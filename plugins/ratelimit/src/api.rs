@@ -2,20 +2,17 @@
 
 use std::collections::BTreeMap;
 
-use dsys_runtime::{Api, Render};
+use dsys_runtime::Render;
 use serde::{Deserialize, Serialize};
 
 use crate::core::{Decision, Rule};
 
-/// Marker naming the plugin and its types.
-#[derive(Debug)]
-pub struct RatelimitApi;
-
-impl Api for RatelimitApi {
-    const NAME: &'static str = "ratelimit";
-    type Request = RatelimitRequest;
-    type Response = RatelimitResponse;
-}
+dsys_runtime::plugin_api!(
+    RatelimitApi,
+    "ratelimit",
+    RatelimitRequest,
+    RatelimitResponse
+);
 
 /// Longest key accepted.
 pub const MAX_KEY_BYTES: usize = 512;

@@ -2,18 +2,10 @@
 
 use std::collections::BTreeMap;
 
-use dsys_runtime::{Api, Render, RingStats};
+use dsys_runtime::{Render, RingStats};
 use serde::{Deserialize, Serialize};
 
-/// Marker naming the plugin and its types.
-#[derive(Debug)]
-pub struct RingApi;
-
-impl Api for RingApi {
-    const NAME: &'static str = "ring";
-    type Request = RingRequest;
-    type Response = RingResponse;
-}
+dsys_runtime::plugin_api!(RingApi, "ring", RingRequest, RingResponse);
 
 /// Longest key accepted.
 pub const MAX_KEY_BYTES: usize = 4096;

@@ -1,18 +1,10 @@
 //! Wire types of the `wal` plugin and the `dsys wal` subcommand that builds them.
 
 use dsys_runtime::storage::{CheckpointInfo, WalRecovery, WalStats, WalVerify};
-use dsys_runtime::{Api, Render};
+use dsys_runtime::Render;
 use serde::{Deserialize, Serialize};
 
-/// Marker naming the plugin and its types.
-#[derive(Debug)]
-pub struct WalApi;
-
-impl Api for WalApi {
-    const NAME: &'static str = "wal";
-    type Request = WalRequest;
-    type Response = WalResponse;
-}
+dsys_runtime::plugin_api!(WalApi, "wal", WalRequest, WalResponse);
 
 /// Longest text `dsys wal append` accepts.
 pub const MAX_TEXT_BYTES: usize = 64 * 1024;
