@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use dsys_plugin_cache::{CacheApi, CacheCommand};
 use dsys_plugin_kv::{KvApi, KvCommand};
 use dsys_plugin_ratelimit::{RatelimitApi, RatelimitCommand};
 use dsys_plugin_ring::{RingApi, RingCommand};
@@ -62,6 +63,9 @@ enum Cmd {
     /// Write-ahead log of each node (design 40).
     #[command(subcommand)]
     Wal(WalCommand),
+    /// Distributed cache speaking RESP (design 30).
+    #[command(subcommand)]
+    Cache(CacheCommand),
     /// Inject faults into the transport and gossip of every node.
     #[command(subcommand)]
     Chaos(ChaosCmd),
@@ -273,6 +277,7 @@ async fn run(cli: Cli) -> Result<u8, Fail> {
         Cmd::Ratelimit(c) => call::<RatelimitApi>(&cli, c.request()).await,
         Cmd::Kv(c) => call::<KvApi>(&cli, c.request()).await,
         Cmd::Wal(c) => call::<WalApi>(&cli, c.request()).await,
+        Cmd::Cache(c) => call::<CacheApi>(&cli, c.request()).await,
         Cmd::Bench(BenchCmd::Wal { duration, dir }) => {
             let scratch = tempfile::Builder::new()
                 .prefix("wal-bench-")

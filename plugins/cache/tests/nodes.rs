@@ -1,0 +1,358 @@
+//! The `cache` plugin on three real in-process nodes (QUIC + mTLS + gossip on loopback),
+//! driven by a real Redis client (the `redis` crate) over each node's RESP port: writes on
+//! one node read on another, pipelining, TTLs, multi-key commands across owners, the CLI
+//! requests, garbage on a raw socket, and a killed primary whose replica keeps serving.
+
+use std::time::Duration;
+
+use dsys_plugin_cache::{CacheApi, CachePlugin, CacheRequest, CacheResponse};
+use dsys_runtime::{
+    init_cluster_certs, plugin_factory, Client, ClusterConfig, MemberState, Node, NodeOptions,
+    TlsIdentity,
+};
+use redis::aio::MultiplexedConnection;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+async fn start(cfg: &ClusterConfig, id: &str, seeds: Vec<std::net::SocketAddr>) -> Node {
+    let n = Node::start(NodeOptions {
+        config: cfg.clone(),
+        node_id: id.into(),
+        plugins: vec![plugin_factory::<CachePlugin>()],
+        seed_addrs: seeds,
+    })
+    .await
+    .expect("node start");
+    assert!(
+        n.host()
+            .wait_running("cache", Duration::from_secs(10))
+            .await
+    );
+    n
+}
+
+async fn sees_all(n: &Node, others: &[&str]) {
+    let t0 = tokio::time::Instant::now();
+    while t0.elapsed() < Duration::from_secs(30) {
+        let v = n.membership().view();
+        let all = others
+            .iter()
+            .all(|o| v.members.get(*o).map(|m| m.state == MemberState::Alive) == Some(true));
+        if all && n.membership().ring().nodes().len() == others.len() + 1 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{} never saw {others:?} alive", n.id());
+}
+
+async fn resp_port(certs: &std::path::Path, n: &Node) -> u16 {
+    let id = TlsIdentity::load(certs, "cli").expect("cli identity");
+    let client = Client::new(&id, vec![n.rpc_addr()], Duration::from_secs(10)).expect("client");
+    match client
+        .call::<CacheApi>(&CacheRequest::Stats)
+        .await
+        .expect("stats")
+    {
+        CacheResponse::Stats(s) => {
+            assert_eq!(s.node, n.id());
+            assert_ne!(s.resp_port, 0);
+            s.resp_port
+        }
+        other => panic!("not stats: {other:?}"),
+    }
+}
+
+async fn conn(port: u16) -> MultiplexedConnection {
+    redis::Client::open(format!("redis://127.0.0.1:{port}/"))
+        .expect("url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect")
+}
+
+async fn cmd<T: redis::FromRedisValue>(c: &mut MultiplexedConnection, args: &[&str]) -> T {
+    let mut cmd = redis::cmd(args[0]);
+    for a in &args[1..] {
+        cmd.arg(*a);
+    }
+    cmd.query_async(c).await.expect("command")
+}
+
+async fn cmd_err(c: &mut MultiplexedConnection, args: &[&str]) -> String {
+    let mut cmd = redis::cmd(args[0]);
+    for a in &args[1..] {
+        cmd.arg(*a);
+    }
+    match cmd.query_async::<redis::Value>(c).await {
+        Err(e) => e.to_string(),
+        Ok(v) => panic!("expected an error for {args:?}, got {v:?}"),
+    }
+}
+
+/// Send raw bytes, read until the server closes (or 2 s pass), return what came back.
+async fn raw(port: u16, bytes: &[u8]) -> Vec<u8> {
+    raw_for(port, bytes, Duration::from_secs(2)).await
+}
+
+async fn raw_for(port: u16, bytes: &[u8], wait: Duration) -> Vec<u8> {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    let _ = s.write_all(bytes).await;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(wait, s.read_to_end(&mut out)).await;
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_client_against_three_nodes() {
+    tokio::time::timeout(Duration::from_secs(180), scenario())
+        .await
+        .expect("test took too long");
+}
+
+async fn scenario() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let certs = dir.path().join("certs");
+    let cfg = ClusterConfig::local_ephemeral(3, &certs, &dir.path().join("data"));
+    cfg.validate().expect("config");
+    let ids: Vec<String> = cfg.nodes.keys().cloned().collect();
+    init_cluster_certs(&certs, &ids).expect("certs");
+    let n1 = start(&cfg, "n1", vec![]).await;
+    let n2 = start(&cfg, "n2", vec![n1.gossip_addr()]).await;
+    let n3 = start(&cfg, "n3", vec![n1.gossip_addr()]).await;
+    sees_all(&n1, &["n2", "n3"]).await;
+    sees_all(&n2, &["n1", "n3"]).await;
+    sees_all(&n3, &["n1", "n2"]).await;
+    let (p1, p2, p3) = (
+        resp_port(&certs, &n1).await,
+        resp_port(&certs, &n2).await,
+        resp_port(&certs, &n3).await,
+    );
+    let (mut c1, mut c2, mut c3) = (conn(p1).await, conn(p2).await, conn(p3).await);
+
+    // Basics, and writes on one node read on every other.
+    assert_eq!(cmd::<String>(&mut c1, &["PING"]).await, "PONG");
+    for i in 0..60 {
+        let k = format!("key:{i}");
+        let _: () = cmd(&mut c1, &["SET", &k, &format!("v{i}")]).await;
+    }
+    for i in 0..60 {
+        let k = format!("key:{i}");
+        let v: Option<String> = cmd(&mut c2, &["GET", &k]).await;
+        assert_eq!(v.as_deref(), Some(format!("v{i}").as_str()), "{k} on n2");
+        let v: Option<String> = cmd(&mut c3, &["GET", &k]).await;
+        assert_eq!(v.as_deref(), Some(format!("v{i}").as_str()), "{k} on n3");
+    }
+    assert_eq!(cmd::<Option<String>>(&mut c2, &["GET", "nope"]).await, None);
+
+    // Pipelining: 300 commands in one write, answered in order.
+    let mut pipe = redis::pipe();
+    for i in 0..100 {
+        pipe.cmd("SET").arg(format!("p:{i}")).arg(i).ignore();
+        pipe.cmd("INCR").arg(format!("p:{i}"));
+    }
+    for i in 0..100 {
+        pipe.cmd("GET").arg(format!("p:{i}"));
+    }
+    let out: Vec<redis::Value> = pipe.query_async(&mut c3).await.expect("pipeline");
+    assert_eq!(out.len(), 200);
+    for i in 0..100 {
+        assert_eq!(out[i], redis::Value::Int(i as i64 + 1));
+        let want = (i + 1).to_string();
+        assert_eq!(out[100 + i], redis::Value::BulkString(want.into_bytes()));
+    }
+
+    // TTL: lazy and active expiry, through a non-owner too.
+    let _: () = cmd(&mut c1, &["SET", "ttl:a", "x", "PX", "300"]).await;
+    let _: () = cmd(&mut c1, &["SET", "ttl:b", "x", "EX", "100"]).await;
+    let pttl: i64 = cmd(&mut c2, &["PTTL", "ttl:a"]).await;
+    assert!(pttl > 0 && pttl <= 300, "{pttl}");
+    assert_eq!(cmd::<i64>(&mut c3, &["TTL", "ttl:b"]).await, 100);
+    assert_eq!(cmd::<i64>(&mut c3, &["PERSIST", "ttl:b"]).await, 1);
+    assert_eq!(cmd::<i64>(&mut c2, &["TTL", "ttl:b"]).await, -1);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(
+        cmd::<Option<String>>(&mut c2, &["GET", "ttl:a"]).await,
+        None
+    );
+    assert_eq!(cmd::<i64>(&mut c3, &["TTL", "ttl:a"]).await, -2);
+
+    // Multi-key commands across owners.
+    let mut mset = vec!["MSET".to_string()];
+    for i in 0..30 {
+        mset.push(format!("m:{i}"));
+        mset.push(format!("mv{i}"));
+    }
+    let refs: Vec<&str> = mset.iter().map(String::as_str).collect();
+    let _: () = cmd(&mut c2, &refs).await;
+    let mut mget = vec!["MGET".to_string()];
+    for i in 0..30 {
+        mget.push(format!("m:{i}"));
+    }
+    mget.push("m:missing".into());
+    let refs: Vec<&str> = mget.iter().map(String::as_str).collect();
+    let got: Vec<Option<String>> = cmd(&mut c1, &refs).await;
+    assert_eq!(got.len(), 31);
+    for (i, v) in got.iter().take(30).enumerate() {
+        assert_eq!(v.as_deref(), Some(format!("mv{i}").as_str()));
+    }
+    assert_eq!(got[30], None);
+    assert_eq!(
+        cmd::<i64>(&mut c3, &["EXISTS", "m:0", "m:1", "m:2", "zz"]).await,
+        3
+    );
+    assert_eq!(cmd::<i64>(&mut c3, &["DEL", "m:0", "m:1", "zz"]).await, 2);
+    assert_eq!(
+        cmd::<i64>(&mut c1, &["EXISTS", "m:0", "m:1", "m:2"]).await,
+        1
+    );
+
+    // Errors come back Redis-style and the connection stays usable.
+    let _: () = cmd(&mut c1, &["SET", "s", "abc"]).await;
+    let e = cmd_err(&mut c2, &["INCR", "s"]).await;
+    assert!(e.contains("not an integer"), "{e}");
+    let e = cmd_err(&mut c2, &["NOSUCH", "a"]).await;
+    assert!(e.contains("unknown command"), "{e}");
+    let e = cmd_err(&mut c2, &["GET"]).await;
+    assert!(e.contains("wrong number of arguments"), "{e}");
+    assert_eq!(cmd::<i64>(&mut c2, &["APPEND", "s", "de"]).await, 5);
+    let info: String = cmd(&mut c1, &["INFO"]).await;
+    assert!(info.contains("keyspace_hits:"), "{info}");
+    let cfg_get: Vec<String> = cmd(&mut c1, &["CONFIG", "GET", "save"]).await;
+    assert_eq!(cfg_get, vec!["save".to_string(), String::new()]);
+
+    // Garbage on a raw socket: an error reply and a closed connection, never a crash.
+    let r = raw(p1, b"*abc\r\n").await;
+    assert!(
+        r.starts_with(b"-ERR Protocol error"),
+        "{:?}",
+        String::from_utf8_lossy(&r)
+    );
+    let r = raw(p1, b"*1\r\n$99999999999\r\n").await;
+    assert!(
+        r.starts_with(b"-ERR Protocol error"),
+        "{:?}",
+        String::from_utf8_lossy(&r)
+    );
+    let r = raw(p2, &[0xff; 70_000]).await;
+    assert!(
+        r.starts_with(b"-ERR Protocol error"),
+        "{:?}",
+        String::from_utf8_lossy(&r)
+    );
+    let r = raw(p2, b"PING\r\nECHO hi\r\nQUIT\r\nPING\r\n").await;
+    assert_eq!(r, b"+PONG\r\n$2\r\nhi\r\n+OK\r\n");
+    let mut seed = 7u64;
+    for _ in 0..50 {
+        let junk: Vec<u8> = (0..200)
+            .map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                (seed & 0xff) as u8
+            })
+            .collect();
+        let _ = raw_for(p3, &junk, Duration::from_millis(20)).await;
+    }
+    assert_eq!(cmd::<String>(&mut c3, &["PING"]).await, "PONG");
+
+    // The CLI requests.
+    let id = TlsIdentity::load(&certs, "cli").expect("cli identity");
+    let client = Client::new(&id, vec![n2.rpc_addr()], Duration::from_secs(10)).expect("client");
+    let r = client
+        .call::<CacheApi>(&CacheRequest::Set {
+            key: "cli:1".into(),
+            value: b"one".to_vec(),
+            ttl_ms: None,
+        })
+        .await
+        .expect("set");
+    assert_eq!(r, CacheResponse::Done(1));
+    assert_eq!(
+        cmd::<Option<String>>(&mut c1, &["GET", "cli:1"])
+            .await
+            .as_deref(),
+        Some("one")
+    );
+    let r = client
+        .call::<CacheApi>(&CacheRequest::Get {
+            key: "key:1".into(),
+        })
+        .await
+        .expect("get");
+    assert_eq!(
+        r,
+        CacheResponse::Value {
+            key: "key:1".into(),
+            value: Some(b"v1".to_vec())
+        }
+    );
+    let r = client
+        .call::<CacheApi>(&CacheRequest::Invalidate {
+            prefix: "key:".into(),
+        })
+        .await
+        .expect("invalidate");
+    match r {
+        // 60 keys, each on its primary and its replica.
+        CacheResponse::Invalidated { keys, nodes } => {
+            assert_eq!(nodes.len(), 3);
+            assert_eq!(keys, 120, "primary + replica copies");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        cmd::<Option<String>>(&mut c3, &["GET", "key:7"]).await,
+        None
+    );
+
+    // Kill the primary of some keys: their replicas serve them.
+    let ring = n1.membership().ring();
+    let keys: Vec<String> = (0..200)
+        .map(|i| format!("ha:{i}"))
+        .filter(|k| {
+            ring.preference_list(k.as_bytes(), 2)
+                .first()
+                .map(String::as_str)
+                == Some("n3")
+        })
+        .take(10)
+        .collect();
+    assert!(!keys.is_empty());
+    for k in &keys {
+        let _: () = cmd(&mut c1, &["SET", k, &format!("val-{k}")]).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    n3.kill().await;
+    for k in &keys {
+        let t0 = tokio::time::Instant::now();
+        loop {
+            let got: redis::RedisResult<Option<String>> =
+                redis::cmd("GET").arg(k).query_async(&mut c1).await;
+            match got {
+                Ok(Some(v)) => {
+                    assert_eq!(v, format!("val-{k}"));
+                    break;
+                }
+                other => {
+                    assert!(
+                        t0.elapsed() < Duration::from_secs(30),
+                        "{k} not served after the primary died: {other:?}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+    // Writes keep working on the survivors.
+    let _: () = cmd(&mut c2, &["SET", "after", "kill"]).await;
+    assert_eq!(
+        cmd::<Option<String>>(&mut c1, &["GET", "after"])
+            .await
+            .as_deref(),
+        Some("kill")
+    );
+    n1.shutdown().await;
+    n2.shutdown().await;
+}
