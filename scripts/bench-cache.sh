@@ -24,6 +24,11 @@ bench() { # port [extra args]
     awk -F'","' '/"SET"/{gsub(/"/,"",$2); s=$2} /"GET"/{gsub(/"/,"",$2); g=$2} END{print s, g}'
 }
 
+wait_resp() { # port: until the node's RESP listener answers PING (plugins start after the node)
+  for _ in $(seq 150); do [ "$(redis-cli -p "$1" ping 2>/dev/null)" = PONG ] && return 0; sleep 0.2; done
+  echo "bench-cache: nothing answers RESP on port $1" >&2; return 1
+}
+
 redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no \
   --daemonize yes --pidfile "$PWD/$RUN/bench-redis.pid" --logfile "$PWD/$RUN/bench-redis.log"
 trap 'kill "$(cat "$RUN/bench-redis.pid" 2>/dev/null)" 2>/dev/null || true; scripts/cluster.sh down >/dev/null 2>&1 || true' EXIT
@@ -34,12 +39,13 @@ read -r R[redis_set] R[redis_get] < <(bench "$REDIS_PORT")
 read -r R[redis_set_p] R[redis_get_p] < <(bench "$REDIS_PORT" -P 16)
 
 scripts/cluster.sh up 1 >/dev/null
+wait_resp 7401
 read -r R[one_set] R[one_get] < <(bench 7401)
 read -r R[one_set_p] R[one_get_p] < <(bench 7401 -P 16)
 scripts/cluster.sh down >/dev/null
 
-scripts/cluster.sh up 3 >/dev/null
-sleep 3   # gossip converges, every node sees the 3-node ring
+scripts/cluster.sh up 3 >/dev/null   # returns once every node sees the 3 alive
+for p in 7401 7402 7403; do wait_resp $p; done
 read -r R[three_set] R[three_get] < <(bench 7401)
 read -r R[three_set_p] R[three_get_p] < <(bench 7401 -P 16)
 
