@@ -49,6 +49,21 @@ pub enum RpcError {
     Internal(String),
 }
 
+impl RpcError {
+    /// A refusal of bad input, with a message for the user.
+    pub fn refused(msg: impl Into<String>) -> Self {
+        RpcError::Refused(msg.into())
+    }
+
+    /// Refuse a key that is empty or longer than `max` bytes.
+    pub fn check_key(key: &str, max: usize) -> Result<(), RpcError> {
+        if key.is_empty() || key.len() > max {
+            return Err(RpcError::refused(format!("key must be 1..={max} bytes")));
+        }
+        Ok(())
+    }
+}
+
 impl From<codec::CodecError> for RpcError {
     fn from(e: codec::CodecError) -> Self {
         RpcError::Malformed(e.0)

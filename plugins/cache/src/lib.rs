@@ -174,17 +174,6 @@ fn matches_prefix(prefixes: &[String], key: &[u8]) -> bool {
     prefixes.iter().any(|p| key.starts_with(p.as_bytes()))
 }
 
-fn refused(msg: impl Into<String>) -> RpcError {
-    RpcError::Refused(msg.into())
-}
-
-fn check_key(key: &str) -> Result<(), RpcError> {
-    if key.is_empty() || key.len() > MAX_KEY_BYTES {
-        return Err(refused(format!("key must be 1..={MAX_KEY_BYTES} bytes")));
-    }
-    Ok(())
-}
-
 /// A group of commands that go to the same primary and fall back to the same replica.
 type Target = (String, Option<String>);
 
@@ -251,7 +240,7 @@ impl Inner {
     /// ahead of the store of record.
     async fn kv_store(&self, key: &[u8]) -> Result<(), RpcError> {
         let Ok(k) = std::str::from_utf8(key) else {
-            return Err(refused("write-through keys must be UTF-8"));
+            return Err(RpcError::refused("write-through keys must be UTF-8"));
         };
         let state = self.lock().peek(key, wall_ms());
         let req = match state {
@@ -550,7 +539,7 @@ impl Inner {
 
     async fn one(self: &Arc<Self>, cmd: Vec<Vec<u8>>) -> Result<Frame, RpcError> {
         match self.run(vec![cmd]).await.pop() {
-            Some((Frame::Error(e), _)) => Err(refused(e)),
+            Some((Frame::Error(e), _)) => Err(RpcError::refused(e)),
             Some((f, _)) => Ok(f),
             None => Err(RpcError::Internal("no reply".into())),
         }
@@ -819,7 +808,7 @@ impl Plugin for CachePlugin {
         let i = &self.inner;
         match req {
             CacheRequest::Get { key } => {
-                check_key(&key)?;
+                RpcError::check_key(&key, MAX_KEY_BYTES)?;
                 match i
                     .one(vec![b"GET".to_vec(), key.clone().into_bytes()])
                     .await?
@@ -832,7 +821,7 @@ impl Plugin for CachePlugin {
                 }
             }
             CacheRequest::Set { key, value, ttl_ms } => {
-                check_key(&key)?;
+                RpcError::check_key(&key, MAX_KEY_BYTES)?;
                 let mut cmd = vec![b"SET".to_vec(), key.into_bytes(), value];
                 if let Some(t) = ttl_ms {
                     cmd.push(b"PX".to_vec());
@@ -842,7 +831,7 @@ impl Plugin for CachePlugin {
                 Ok(CacheResponse::Done(1))
             }
             CacheRequest::Del { key } => {
-                check_key(&key)?;
+                RpcError::check_key(&key, MAX_KEY_BYTES)?;
                 match i.one(vec![b"DEL".to_vec(), key.into_bytes()]).await? {
                     Frame::Integer(n) => Ok(CacheResponse::Done(n.max(0) as u64)),
                     _ => Ok(CacheResponse::Done(0)),
@@ -851,7 +840,7 @@ impl Plugin for CachePlugin {
             CacheRequest::Stats => Ok(CacheResponse::Stats(i.stats())),
             CacheRequest::Invalidate { prefix } => {
                 if prefix.len() > MAX_KEY_BYTES {
-                    return Err(refused("prefix too long"));
+                    return Err(RpcError::refused("prefix too long"));
                 }
                 let mut keys = 0;
                 let mut nodes = Vec::new();
@@ -868,7 +857,7 @@ impl Plugin for CachePlugin {
             }
             CacheRequest::LocalInvalidate { prefix } => {
                 if prefix.len() > MAX_KEY_BYTES {
-                    return Err(refused("prefix too long"));
+                    return Err(RpcError::refused("prefix too long"));
                 }
                 Ok(CacheResponse::Done(
                     i.lock().remove_prefix(prefix.as_bytes()) as u64,
@@ -876,7 +865,9 @@ impl Plugin for CachePlugin {
             }
             CacheRequest::Exec { cmds, replica: _ } => {
                 if cmds.len() > MAX_BATCH {
-                    return Err(refused(format!("at most {MAX_BATCH} commands per batch")));
+                    return Err(RpcError::refused(format!(
+                        "at most {MAX_BATCH} commands per batch"
+                    )));
                 }
                 Ok(CacheResponse::Replies(
                     i.exec_local(&cmds)
@@ -888,7 +879,9 @@ impl Plugin for CachePlugin {
             }
             CacheRequest::Replicate(items) => {
                 if items.len() > MAX_BATCH {
-                    return Err(refused(format!("at most {MAX_BATCH} items per batch")));
+                    return Err(RpcError::refused(format!(
+                        "at most {MAX_BATCH} items per batch"
+                    )));
                 }
                 Ok(CacheResponse::Done(i.apply_replica(items)))
             }

@@ -129,25 +129,16 @@ fn wall_ms() -> u64 {
         .unwrap_or(0)
 }
 
-fn refused(msg: impl Into<String>) -> RpcError {
-    RpcError::Refused(msg.into())
-}
-
-fn check_key(key: &str) -> Result<(), RpcError> {
-    if key.is_empty() || key.len() > MAX_KEY_BYTES {
-        return Err(refused(format!("key must be 1..={MAX_KEY_BYTES} bytes")));
-    }
-    Ok(())
-}
-
 fn check_items(items: &[(String, Version)]) -> Result<(), RpcError> {
     if items.len() > MAX_BATCH {
-        return Err(refused(format!("at most {MAX_BATCH} items per batch")));
+        return Err(RpcError::refused(format!(
+            "at most {MAX_BATCH} items per batch"
+        )));
     }
     for (k, v) in items {
-        check_key(k)?;
+        RpcError::check_key(k, MAX_KEY_BYTES)?;
         if v.value.as_ref().map(Vec::len).unwrap_or(0) > MAX_VALUE_BYTES {
-            return Err(refused(format!(
+            return Err(RpcError::refused(format!(
                 "value larger than {MAX_VALUE_BYTES} bytes"
             )));
         }
@@ -174,15 +165,15 @@ impl Inner {
         value: Option<Vec<u8>>,
         w: Option<u8>,
     ) -> Result<KvResponse, RpcError> {
-        check_key(&key)?;
+        RpcError::check_key(&key, MAX_KEY_BYTES)?;
         if value.as_ref().map(Vec::len).unwrap_or(0) > MAX_VALUE_BYTES {
-            return Err(refused(format!(
+            return Err(RpcError::refused(format!(
                 "value larger than {MAX_VALUE_BYTES} bytes"
             )));
         }
         let w = w.unwrap_or(self.cfg.w);
         if w == 0 || w > self.cfg.n {
-            return Err(refused(format!("--w must be 1..={}", self.cfg.n)));
+            return Err(RpcError::refused(format!("--w must be 1..={}", self.cfg.n)));
         }
         let ring = self.ctx.ring();
         let all = ring.preference_list(key.as_bytes(), ring.nodes().len());
@@ -259,10 +250,10 @@ impl Inner {
 
     /// Coordinate a read: newest of R replies; stale replicas are repaired afterwards.
     async fn read(self: &Arc<Self>, key: String, r: Option<u8>) -> Result<KvResponse, RpcError> {
-        check_key(&key)?;
+        RpcError::check_key(&key, MAX_KEY_BYTES)?;
         let r = r.unwrap_or(self.cfg.r);
         if r == 0 || r > self.cfg.n {
-            return Err(refused(format!("--r must be 1..={}", self.cfg.n)));
+            return Err(RpcError::refused(format!("--r must be 1..={}", self.cfg.n)));
         }
         let prefs = self
             .ctx
@@ -350,10 +341,10 @@ impl Inner {
 
     async fn scan(&self, prefix: String, limit: usize) -> Result<KvResponse, RpcError> {
         if limit == 0 || limit > MAX_SCAN {
-            return Err(refused(format!("--limit must be 1..={MAX_SCAN}")));
+            return Err(RpcError::refused(format!("--limit must be 1..={MAX_SCAN}")));
         }
         if prefix.len() > MAX_KEY_BYTES {
-            return Err(refused("prefix too long"));
+            return Err(RpcError::refused("prefix too long"));
         }
         let nodes = self.ctx.ring().nodes().to_vec();
         let mut tasks = Vec::new();
@@ -385,7 +376,7 @@ impl Inner {
     }
 
     async fn locate(&self, key: String) -> Result<KvResponse, RpcError> {
-        check_key(&key)?;
+        RpcError::check_key(&key, MAX_KEY_BYTES)?;
         let mut out = Vec::new();
         for n in self.ctx.ring().nodes().to_vec() {
             if let Ok(KvResponse::Local(v)) = self
@@ -526,12 +517,12 @@ impl Plugin for KvPlugin {
                 Ok(KvResponse::Applied(n))
             }
             KvRequest::Read(key) => {
-                check_key(&key)?;
+                RpcError::check_key(&key, MAX_KEY_BYTES)?;
                 Ok(KvResponse::Local(i.store.get(&key)))
             }
             KvRequest::LocalScan { prefix, limit } => {
                 if limit == 0 || limit > MAX_SCAN {
-                    return Err(refused(format!("limit must be 1..={MAX_SCAN}")));
+                    return Err(RpcError::refused(format!("limit must be 1..={MAX_SCAN}")));
                 }
                 Ok(KvResponse::Items(i.store.scan(&prefix, limit)))
             }
@@ -555,7 +546,7 @@ impl Plugin for KvPlugin {
                     || level > depth
                     || indices.len() > (1 << depth)
                 {
-                    return Err(refused("bad merkle request"));
+                    return Err(RpcError::refused("bad merkle request"));
                 }
                 if ring != anti_entropy::fingerprint(&i.ctx.ring()) {
                     return Err(RpcError::Unreachable(
@@ -572,7 +563,7 @@ impl Plugin for KvPlugin {
                 leaves,
             } => {
                 if depth > dsys_runtime::MerkleTree::MAX_DEPTH || leaves.len() > (1 << depth) {
-                    return Err(refused("bad leaf request"));
+                    return Err(RpcError::refused("bad leaf request"));
                 }
                 let items = anti_entropy::leaf_items(i, &peer, depth, &leaves);
                 Ok(KvResponse::Summaries(
@@ -584,7 +575,9 @@ impl Plugin for KvPlugin {
             }
             KvRequest::Fetch(keys) => {
                 if keys.len() > MAX_BATCH {
-                    return Err(refused(format!("at most {MAX_BATCH} keys per fetch")));
+                    return Err(RpcError::refused(format!(
+                        "at most {MAX_BATCH} keys per fetch"
+                    )));
                 }
                 Ok(KvResponse::Items(
                     keys.into_iter()
