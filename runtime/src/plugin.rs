@@ -9,7 +9,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::marker::PhantomData;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -203,14 +203,24 @@ pub enum PluginStatus {
 struct Slot {
     factory: PluginFactory,
     instance: RwLock<Option<Arc<dyn Instance>>>,
-    status: Mutex<PluginStatus>,
-    restarts: AtomicU32,
+    /// Status and restart count under one lock, so readers never see a half-updated pair.
+    status: Mutex<(PluginStatus, u32)>,
     actor: Mutex<Option<ActorRef<PluginMsg>>>,
 }
 
 impl Slot {
     fn set_status(&self, s: PluginStatus) {
-        *self.status.lock().unwrap_or_else(|p| p.into_inner()) = s;
+        self.status.lock().unwrap_or_else(|p| p.into_inner()).0 = s;
+    }
+    fn status(&self) -> (PluginStatus, u32) {
+        *self.status.lock().unwrap_or_else(|p| p.into_inner())
+    }
+    /// Count one crash and move to `next` in the same step; returns the new restart count.
+    fn count_crash(&self, next: PluginStatus) -> u32 {
+        let mut g = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        g.0 = next;
+        g.1 += 1;
+        g.1
     }
     fn instance(&self) -> Option<Arc<dyn Instance>> {
         self.instance
@@ -272,8 +282,7 @@ impl PluginHost {
                     Arc::new(Slot {
                         factory: f,
                         instance: RwLock::new(None),
-                        status: Mutex::new(PluginStatus::Starting),
-                        restarts: AtomicU32::new(0),
+                        status: Mutex::new((PluginStatus::Starting, 0)),
                         actor: Mutex::new(None),
                     }),
                 )
@@ -308,11 +317,8 @@ impl PluginHost {
             .slots
             .iter()
             .map(|(n, s)| {
-                (
-                    n.to_string(),
-                    *s.status.lock().unwrap_or_else(|p| p.into_inner()),
-                    s.restarts.load(Ordering::Relaxed),
-                )
+                let (status, restarts) = s.status();
+                (n.to_string(), status, restarts)
             })
             .collect();
         v.sort_by(|a, b| a.0.cmp(&b.0));
@@ -417,9 +423,9 @@ impl Supervisor {
         let mut names: Vec<_> = shared.slots.keys().copied().collect();
         names.sort();
         for n in names {
-            let s = &shared.slots[n];
-            restarts.push(format!("{n}={}", s.restarts.load(Ordering::Relaxed)));
-            if *s.status.lock().unwrap_or_else(|p| p.into_inner()) == PluginStatus::Failed {
+            let (status, count) = shared.slots[n].status();
+            restarts.push(format!("{n}={count}"));
+            if status == PluginStatus::Failed {
                 failed.push(n);
             }
         }
@@ -450,7 +456,6 @@ impl Supervisor {
         if state.shared.stopping.load(Ordering::SeqCst) {
             return;
         }
-        let n = slot.restarts.fetch_add(1, Ordering::Relaxed) + 1;
         state
             .shared
             .ctx
@@ -467,13 +472,13 @@ impl Supervisor {
             h.pop_front();
         }
         if h.len() > MAX_RESTARTS {
+            let n = slot.count_crash(PluginStatus::Failed);
             tracing::error!(plugin = name, restarts = n, %why, "plugin exceeded its restart intensity; marked failed");
-            slot.set_status(PluginStatus::Failed);
         } else {
+            let n = slot.count_crash(PluginStatus::Restarting);
             let backoff =
                 (BACKOFF_BASE * 2u32.pow(h.len().saturating_sub(1) as u32)).min(BACKOFF_MAX);
             tracing::warn!(plugin = name, restarts = n, %why, ?backoff, "plugin crashed; restarting");
-            slot.set_status(PluginStatus::Restarting);
             myself.send_after(backoff, move || SupMsg::Start(name));
         }
         Self::publish(&state.shared).await;
