@@ -68,6 +68,8 @@ pub enum CacheRequest {
         /// Prefix.
         prefix: String,
     },
+    /// How many keys this node holds as their primary (for a cluster-wide DBSIZE).
+    CountPrimary,
 }
 
 /// A node's figures.

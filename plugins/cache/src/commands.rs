@@ -50,11 +50,11 @@ impl Outcome {
 
 /// Where a command runs.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Route {
+pub enum Route<'a> {
     /// On the node that received it (no key, or a malformed command whose error is local).
     Local,
     /// On the owner of this key.
-    Key(Vec<u8>),
+    Key(&'a [u8]),
     /// On the owners of several keys: split with [`split`], merge with [`merge`].
     Multi,
 }
@@ -64,6 +64,35 @@ pub fn name(cmd: &[Vec<u8>]) -> String {
     cmd.first()
         .map(|n| String::from_utf8_lossy(n).to_ascii_uppercase())
         .unwrap_or_default()
+}
+
+/// The upper-cased name of a command, on the stack: the hot path (every GET and SET) looks
+/// at it several times and should not allocate for it. Names longer than any command, or not
+/// UTF-8, read as `""` (which no command matches, so they are unknown commands).
+pub(crate) struct Name {
+    buf: [u8; 16],
+    len: usize,
+}
+
+impl Name {
+    pub(crate) fn of(cmd: &[Vec<u8>]) -> Name {
+        let mut buf = [0u8; 16];
+        let raw = cmd.first().map(Vec::as_slice).unwrap_or_default();
+        if raw.len() > buf.len() {
+            return Name { buf, len: 0 };
+        }
+        for (b, r) in buf.iter_mut().zip(raw) {
+            *b = r.to_ascii_uppercase();
+        }
+        Name {
+            buf,
+            len: raw.len(),
+        }
+    }
+
+    pub(crate) fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.buf[..self.len]).unwrap_or("")
+    }
 }
 
 /// Commands taking one key at argument 1, with their arity (Redis convention: positive is
@@ -99,15 +128,16 @@ fn arity_ok(n: usize, arity: i32) -> bool {
 }
 
 /// Where `cmd` runs.
-pub fn route(cmd: &[Vec<u8>]) -> Route {
-    let name = name(cmd);
+pub fn route(cmd: &[Vec<u8>]) -> Route<'_> {
+    let name = Name::of(cmd);
+    let name = name.as_str();
     if let Some((_, arity)) = SINGLE_KEY.iter().find(|(n, _)| *n == name) {
         if arity_ok(cmd.len(), *arity) {
-            return Route::Key(cmd[1].clone());
+            return Route::Key(&cmd[1]);
         }
         return Route::Local;
     }
-    match name.as_str() {
+    match name {
         "MGET" | "DEL" | "EXISTS" | "UNLINK" if cmd.len() >= 2 => Route::Multi,
         "MSET" if cmd.len() >= 3 && cmd.len() % 2 == 1 => Route::Multi,
         _ => Route::Local,
@@ -118,7 +148,7 @@ pub fn route(cmd: &[Vec<u8>]) -> Route {
 /// value).
 pub fn split(cmd: &[Vec<u8>]) -> Vec<(Vec<u8>, Vec<Vec<u8>>)> {
     let rest = cmd.get(1..).unwrap_or_default();
-    if name(cmd) == "MSET" {
+    if Name::of(cmd).as_str() == "MSET" {
         rest.chunks(2)
             .filter(|c| c.len() == 2)
             .map(|c| (c[0].clone(), c.to_vec()))
@@ -131,7 +161,7 @@ pub fn split(cmd: &[Vec<u8>]) -> Vec<(Vec<u8>, Vec<Vec<u8>>)> {
 /// Merge the replies of the parts of a multi-key command. `parts` holds, for each
 /// sub-command sent, the positions (in key order) of its keys and its reply.
 pub fn merge(cmd: &[Vec<u8>], nkeys: usize, parts: Vec<(Vec<usize>, Frame)>) -> Frame {
-    let name = name(cmd);
+    let name = Name::of(cmd);
     if let Some((_, Frame::Error(e))) = parts.iter().find(|(_, f)| matches!(f, Frame::Error(_))) {
         return Frame::Error(e.clone());
     }
@@ -207,16 +237,17 @@ fn unknown(cmd: &[Vec<u8>]) -> Frame {
 
 /// Run `cmd` on `store` at time `now`.
 pub fn execute(store: &mut Store, cmd: &[Vec<u8>], now: u64, env: &Env) -> Outcome {
-    let name = name(cmd);
+    let name = Name::of(cmd);
+    let name = name.as_str();
     if let Some((_, arity)) = SINGLE_KEY.iter().find(|(n, _)| *n == name) {
         if !arity_ok(cmd.len(), *arity) {
-            return Outcome::reply(wrong_args(&name));
+            return Outcome::reply(wrong_args(name));
         }
-        return strings(store, &name, cmd, now);
+        return strings(store, name, cmd, now);
     }
-    match name.as_str() {
-        "MGET" | "MSET" | "DEL" | "UNLINK" | "EXISTS" | "DBSIZE" => keys(store, &name, cmd, now),
-        _ => server(store, &name, cmd, env),
+    match name {
+        "MGET" | "MSET" | "DEL" | "UNLINK" | "EXISTS" | "DBSIZE" => keys(store, name, cmd, now),
+        _ => server(store, name, cmd, env),
     }
 }
 
@@ -738,7 +769,7 @@ mod tests {
 
     #[test]
     fn routing_split_merge() {
-        assert_eq!(route(&words("GET k")), Route::Key(b"k".to_vec()));
+        assert_eq!(route(&words("GET k")), Route::Key(b"k"));
         assert_eq!(route(&words("GET")), Route::Local);
         assert_eq!(route(&words("PING")), Route::Local);
         assert_eq!(route(&words("MGET a b")), Route::Multi);

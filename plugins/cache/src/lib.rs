@@ -23,17 +23,19 @@ mod commands;
 mod resp;
 mod store;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU16, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use dsys_plugin_kv::{KvApi, KvRequest, KvResponse};
-use dsys_runtime::{Caller, Plugin, PluginContext, RpcError};
+use dsys_runtime::{Caller, Plugin, PluginContext, Ring, RpcError};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{mpsc, oneshot, watch, Semaphore};
+
+use commands::Name;
 
 pub use api::{
     CacheApi, CacheCommand, CacheRequest, CacheResponse, CacheStats, ReplItem, MAX_BATCH,
@@ -72,6 +74,9 @@ pub struct CacheConfig {
     pub max_pipeline: usize,
     /// Replicate writes to the key's second node.
     pub replicate: bool,
+    /// Batches of forwarded commands in flight to one owner node at once; commands that
+    /// arrive meanwhile (from any connection) wait and go together in the next batch.
+    pub forward_inflight: usize,
     /// Key prefixes whose misses on GET are loaded from the `kv` plugin (read-through).
     pub read_through: Vec<String>,
     /// TTL given to values loaded by read-through (none: they stay until evicted or
@@ -95,6 +100,7 @@ impl Default for CacheConfig {
             max_request_bytes: 2 * DEFAULT_MAX_BULK,
             max_pipeline: 1024,
             replicate: true,
+            forward_inflight: 2,
             read_through: Vec::new(),
             read_through_ttl_ms: None,
             write_through: Vec::new(),
@@ -115,6 +121,9 @@ impl CacheConfig {
         if self.max_pipeline > MAX_BATCH {
             return Err(format!("plugins.cache.max_pipeline must be <= {MAX_BATCH}"));
         }
+        if self.forward_inflight == 0 || self.forward_inflight > 64 {
+            return Err("plugins.cache.forward_inflight must be 1..=64".into());
+        }
         if self.samples == 0 || self.samples > 1024 {
             return Err("plugins.cache.samples must be 1..=1024".into());
         }
@@ -124,6 +133,10 @@ impl CacheConfig {
 
 /// Items queued per replica before new ones are dropped.
 const REPL_QUEUE: usize = 65_536;
+
+/// Most bytes (keys and values) gathered into one forwarded or replicated batch, well under
+/// the runtime's default frame cap (16 MiB); a single larger command is sent alone.
+const BATCH_BYTES: usize = 4 * 1024 * 1024;
 
 fn wall_ms() -> u64 {
     std::time::SystemTime::now()
@@ -139,8 +152,9 @@ struct Inner {
     store: Mutex<Store>,
     port: AtomicU16,
     clients: AtomicUsize,
-    repl_tx: Mutex<HashMap<String, mpsc::Sender<ReplItem>>>,
+    repl_tx: Mutex<HashMap<String, ReplQueue>>,
     repl_dropped: Arc<AtomicU64>,
+    forward_tx: Mutex<HashMap<String, mpsc::UnboundedSender<Job>>>,
     loads: AtomicU64,
 }
 
@@ -180,6 +194,36 @@ type Target = (String, Option<String>);
 /// Commands waiting to be sent, per target, with their positions in the pipeline.
 type Pending = BTreeMap<Target, (Vec<usize>, Vec<Vec<Vec<u8>>>)>;
 
+/// Commands of one connection's round bound for one primary, waiting in that primary's
+/// forwarder to be sent in a batch with other connections' jobs (see [`forward_loop`]).
+struct Job {
+    /// Where the commands go when the primary does not answer.
+    replica: Option<String>,
+    cmds: Vec<Vec<Vec<u8>>>,
+    bytes: usize,
+    reply_tx: oneshot::Sender<Vec<Frame>>,
+}
+
+/// Approximate encoded size of commands (arguments and their length prefixes).
+fn cmds_bytes(cmds: &[Vec<Vec<u8>>]) -> usize {
+    cmds.iter()
+        .flat_map(|c| c.iter())
+        .map(|a| a.len() + 8)
+        .sum()
+}
+
+/// The queue of replication items bound for one node (see [`spawn_replicator`]).
+struct ReplQueue {
+    tx: mpsc::UnboundedSender<Vec<ReplItem>>,
+    /// Items queued and not yet taken into a batch (bounded by [`REPL_QUEUE`]).
+    queued: Arc<AtomicUsize>,
+}
+
+/// True when `ring` holds no node but `me`: every key is local, nothing to replicate.
+fn alone(ring: &Ring, me: &str) -> bool {
+    ring.nodes().iter().all(|n| n == me)
+}
+
 impl Inner {
     fn me(&self) -> &str {
         &self.ctx.node_id
@@ -189,18 +233,9 @@ impl Inner {
         self.store.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn env(&self) -> Env {
-        Env {
-            node_id: self.ctx.node_id.clone(),
-            port: self.port.load(Ordering::Relaxed),
-            cluster_size: self.ctx.ring().nodes().len(),
-            clients: self.clients.load(Ordering::Relaxed),
-        }
-    }
-
-    /// Primary and replica of `key` in the current ring (this node when the ring is empty).
-    fn target(&self, key: &[u8]) -> Target {
-        let mut prefs = self.ctx.ring().preference_list(key, 2).into_iter();
+    /// Primary and replica of `key` in `ring` (this node when the ring is empty).
+    fn target(&self, ring: &Ring, key: &[u8]) -> Target {
+        let mut prefs = ring.preference_list(key, 2).into_iter();
         let primary = prefs.next().unwrap_or_else(|| self.me().to_string());
         (primary, prefs.next())
     }
@@ -257,11 +292,14 @@ impl Inner {
         let r = self.ctx.rpc.call::<KvApi>(self.me(), &req).await;
         if r.is_err() {
             self.lock().del(key, wall_ms());
-            self.replicate(vec![ReplItem {
-                key: key.to_vec(),
-                value: None,
-                expire_at: None,
-            }]);
+            self.replicate(
+                &self.ctx.ring(),
+                vec![ReplItem {
+                    key: key.to_vec(),
+                    value: None,
+                    expire_at: None,
+                }],
+            );
         }
         r.map(|_| ())
     }
@@ -290,11 +328,14 @@ impl Inner {
         if stored {
             self.loads.fetch_add(1, Ordering::Relaxed);
             if self.cfg.replicate {
-                self.replicate(vec![ReplItem {
-                    key: key.to_vec(),
-                    value: Some(value.clone()),
-                    expire_at,
-                }]);
+                self.replicate(
+                    &self.ctx.ring(),
+                    vec![ReplItem {
+                        key: key.to_vec(),
+                        value: Some(value.clone()),
+                        expire_at,
+                    }],
+                );
             }
         }
         Some(value)
@@ -303,7 +344,15 @@ impl Inner {
     /// Run commands on this node's store, in order, and queue the written keys for their
     /// other holder. Returns each reply, whether to close, and the keys written.
     fn exec_store(&self, cmds: &[Vec<Vec<u8>>]) -> Vec<(Frame, bool, Vec<Vec<u8>>)> {
-        let env = self.env();
+        let ring = self.ctx.ring();
+        let env = Env {
+            node_id: self.ctx.node_id.clone(),
+            port: self.port.load(Ordering::Relaxed),
+            cluster_size: ring.nodes().len(),
+            clients: self.clients.load(Ordering::Relaxed),
+        };
+        // With no other node there is no copy to make: skip reading back what was written.
+        let replicate = self.cfg.replicate && !alone(&ring, self.me());
         let now = wall_ms();
         let mut out = Vec::with_capacity(cmds.len());
         let mut items = Vec::new();
@@ -311,7 +360,7 @@ impl Inner {
             let mut store = self.lock();
             for cmd in cmds {
                 let o = execute(&mut store, cmd, now, &env);
-                if self.cfg.replicate {
+                if replicate {
                     for key in &o.written {
                         let (value, expire_at) = match store.peek(key, now) {
                             Some((v, t)) => (Some(v), t),
@@ -328,30 +377,53 @@ impl Inner {
             }
         }
         if !items.is_empty() {
-            self.replicate(items);
+            self.replicate(&ring, items);
         }
         out
     }
 
-    /// Queue items for the other node of each key's preference list.
-    fn replicate(&self, items: Vec<ReplItem>) {
-        let ring = self.ctx.ring();
-        let mut txs = self.repl_tx.lock().unwrap_or_else(|p| p.into_inner());
+    /// Queue items for the other node(s) of each key's preference list in `ring`: one
+    /// batch per target node, one lock for all of them.
+    fn replicate(&self, ring: &Ring, items: Vec<ReplItem>) {
+        let mut per_target: Vec<(String, Vec<ReplItem>)> = Vec::new();
         for item in items {
-            for target in ring.preference_list(&item.key, 2) {
-                if target == self.me() {
-                    continue;
+            let targets: Vec<String> = ring
+                .preference_list(&item.key, 2)
+                .into_iter()
+                .filter(|t| t != self.me())
+                .collect();
+            let n = targets.len();
+            let mut item = Some(item);
+            for (k, target) in targets.into_iter().enumerate() {
+                let it = if k + 1 == n {
+                    item.take()
+                } else {
+                    item.clone()
+                };
+                let Some(it) = it else { break };
+                match per_target.iter_mut().find(|(t, _)| *t == target) {
+                    Some((_, v)) => v.push(it),
+                    None => per_target.push((target, vec![it])),
                 }
-                let tx = txs.entry(target.clone()).or_insert_with(|| {
-                    spawn_replicator(
-                        self.ctx.rpc.clone(),
-                        target.clone(),
-                        self.repl_dropped.clone(),
-                    )
-                });
-                if tx.try_send(item.clone()).is_err() {
-                    self.repl_dropped.fetch_add(1, Ordering::Relaxed);
-                }
+            }
+        }
+        if per_target.is_empty() {
+            return;
+        }
+        let mut queues = self.repl_tx.lock().unwrap_or_else(|p| p.into_inner());
+        for (target, batch) in per_target {
+            let q = queues.entry(target.clone()).or_insert_with(|| {
+                spawn_replicator(self.ctx.rpc.clone(), target, self.repl_dropped.clone())
+            });
+            let n = batch.len();
+            if q.queued.load(Ordering::Relaxed) + n > REPL_QUEUE {
+                self.repl_dropped.fetch_add(n as u64, Ordering::Relaxed);
+                continue;
+            }
+            q.queued.fetch_add(n, Ordering::Relaxed);
+            if q.tx.send(batch).is_err() {
+                q.queued.fetch_sub(n, Ordering::Relaxed);
+                self.repl_dropped.fetch_add(n as u64, Ordering::Relaxed);
             }
         }
     }
@@ -376,94 +448,180 @@ impl Inner {
         n
     }
 
-    /// Send a group to its primary, or to its replica when the primary does not answer.
-    async fn send_group(self: Arc<Self>, target: Target, cmds: Vec<Vec<Vec<u8>>>) -> Vec<Frame> {
-        let (primary, replica) = target;
-        let n = cmds.len();
-        let plain = |v: Vec<(Frame, bool)>| v.into_iter().map(|(f, _)| f).collect::<Vec<_>>();
-        if primary == self.me() {
-            return plain(self.exec_local(&cmds).await);
+    /// The forwarder of primary `node`, started on first use.
+    fn forwarder(self: &Arc<Self>, node: &str) -> mpsc::UnboundedSender<Job> {
+        let mut fwd = self.forward_tx.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(tx) = fwd.get(node) {
+            if !tx.is_closed() {
+                return tx.clone();
+            }
         }
-        let first = self
-            .ctx
-            .rpc
-            .call::<CacheApi>(
-                &primary,
-                &CacheRequest::Exec {
-                    cmds: cmds.clone(),
-                    replica: false,
-                },
-            )
-            .await;
-        let err = match first {
-            Ok(CacheResponse::Replies(r)) if r.len() == n => return r,
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(forward_loop(
+            Arc::downgrade(self),
+            node.to_string(),
+            rx,
+            self.cfg.forward_inflight,
+        ));
+        fwd.insert(node.to_string(), tx.clone());
+        tx
+    }
+
+    /// Send one batch of jobs to `primary` as one [`CacheRequest::Exec`] and hand each job
+    /// its replies. When the primary does not answer, each job goes to its replica instead
+    /// (the jobs with the same replica together).
+    async fn send_jobs(self: Arc<Self>, primary: String, jobs: Vec<Job>) {
+        let total: usize = jobs.iter().map(|j| j.cmds.len()).sum();
+        let mut cmds = Vec::with_capacity(total);
+        let mut metas = Vec::with_capacity(jobs.len());
+        for j in jobs {
+            metas.push((j.replica, j.cmds.len(), j.reply_tx));
+            cmds.extend(j.cmds);
+        }
+        let req = CacheRequest::Exec {
+            cmds,
+            replica: false,
+        };
+        let err = match self.ctx.rpc.call::<CacheApi>(&primary, &req).await {
+            Ok(CacheResponse::Replies(r)) if r.len() == total => {
+                let mut r = r.into_iter();
+                for (_, n, tx) in metas {
+                    let _ = tx.send(r.by_ref().take(n).collect());
+                }
+                return;
+            }
             Ok(_) => "unexpected answer".to_string(),
             Err(e) => e.to_string(),
         };
-        let second = match replica {
-            Some(r) if r == self.me() => return plain(self.exec_local(&cmds).await),
-            Some(r) => {
-                self.ctx
-                    .rpc
-                    .call::<CacheApi>(
-                        &r,
-                        &CacheRequest::Exec {
-                            cmds,
-                            replica: true,
-                        },
-                    )
-                    .await
-            }
-            None => Err(RpcError::Unreachable("no replica".into())),
+        let CacheRequest::Exec { cmds, .. } = req else {
+            return;
         };
-        match second {
-            Ok(CacheResponse::Replies(r)) if r.len() == n => r,
-            other => {
-                let why = other.err().map(|e| e.to_string()).unwrap_or_default();
-                vec![
-                    Frame::err(format!(
-                        "TRYAGAIN owner {primary} unreachable ({err}); replica: {why}"
-                    ));
-                    n
-                ]
+        // Give each job its commands back, then group the jobs by replica.
+        let mut cmds = cmds.into_iter();
+        let mut by_replica: Vec<(Option<String>, Vec<Vec<Vec<u8>>>, Vec<Job>)> = Vec::new();
+        for (replica, n, reply_tx) in metas {
+            let job = Job {
+                replica: replica.clone(),
+                cmds: cmds.by_ref().take(n).collect(),
+                bytes: 0,
+                reply_tx,
+            };
+            match by_replica.iter_mut().find(|(r, _, _)| *r == replica) {
+                Some((_, all, jobs)) => {
+                    all.extend(job.cmds.iter().cloned());
+                    jobs.push(job);
+                }
+                None => by_replica.push((replica, job.cmds.clone(), vec![job])),
+            }
+        }
+        for (replica, all, jobs) in by_replica {
+            let n = all.len();
+            let second = match replica {
+                Some(r) if r == self.me() => Ok(self
+                    .exec_local(&all)
+                    .await
+                    .into_iter()
+                    .map(|(f, _)| f)
+                    .collect()),
+                Some(r) => {
+                    let req = CacheRequest::Exec {
+                        cmds: all,
+                        replica: true,
+                    };
+                    match self.ctx.rpc.call::<CacheApi>(&r, &req).await {
+                        Ok(CacheResponse::Replies(r)) if r.len() == n => Ok(r),
+                        Ok(_) => Err("unexpected answer".to_string()),
+                        Err(e) => Err(e.to_string()),
+                    }
+                }
+                None => Err("no replica".to_string()),
+            };
+            match second {
+                Ok(replies) => {
+                    let mut r = replies.into_iter();
+                    for j in jobs {
+                        let _ = j.reply_tx.send(r.by_ref().take(j.cmds.len()).collect());
+                    }
+                }
+                Err(why) => {
+                    for j in jobs {
+                        let f = Frame::err(format!(
+                            "TRYAGAIN owner {primary} unreachable ({err}); replica: {why}"
+                        ));
+                        let _ = j.reply_tx.send(vec![f; j.cmds.len()]);
+                    }
+                }
             }
         }
     }
 
-    /// Run a batch of groups concurrently; results in the order of `groups`.
+    /// Run groups of commands, each on its primary: the remote ones are handed to their
+    /// primary's forwarder first, then the local one runs here, then the remote replies are
+    /// collected. Results in the order of `groups`.
     async fn run_groups(
         self: &Arc<Self>,
         groups: Vec<(Target, Vec<Vec<Vec<u8>>>)>,
     ) -> Vec<Vec<Frame>> {
-        let mut handles = Vec::with_capacity(groups.len());
-        for (target, cmds) in groups {
-            let this = self.clone();
-            if target.0 == self.me() {
-                handles.push(Err(this.send_group(target, cmds).await));
-            } else {
-                handles.push(Ok(tokio::spawn(this.send_group(target, cmds))));
-            }
+        enum Slot {
+            Local(Vec<Vec<Vec<u8>>>),
+            Remote(oneshot::Receiver<Vec<Frame>>, usize),
         }
-        let mut out = Vec::with_capacity(handles.len());
-        for h in handles {
-            out.push(match h {
-                Err(done) => done,
-                Ok(task) => task
+        let mut slots = Vec::with_capacity(groups.len());
+        for ((primary, replica), cmds) in groups {
+            if primary == self.me() {
+                slots.push(Slot::Local(cmds));
+                continue;
+            }
+            let n = cmds.len();
+            let (reply_tx, reply_rx) = oneshot::channel();
+            let job = Job {
+                replica,
+                bytes: cmds_bytes(&cmds),
+                cmds,
+                reply_tx,
+            };
+            if let Err(mpsc::error::SendError(job)) = self.forwarder(&primary).send(job) {
+                // The forwarder just stopped (shutting down): tell the caller.
+                let _ = job
+                    .reply_tx
+                    .send(vec![Frame::err("ERR cache is shutting down"); n]);
+            }
+            slots.push(Slot::Remote(reply_rx, n));
+        }
+        let mut done: Vec<Option<Vec<Frame>>> = Vec::with_capacity(slots.len());
+        for slot in &slots {
+            done.push(match slot {
+                Slot::Local(cmds) => Some(
+                    self.exec_local(cmds)
+                        .await
+                        .into_iter()
+                        .map(|(f, _)| f)
+                        .collect(),
+                ),
+                Slot::Remote(..) => None,
+            });
+        }
+        let mut out = Vec::with_capacity(slots.len());
+        for (slot, done) in slots.into_iter().zip(done) {
+            out.push(match (slot, done) {
+                (_, Some(frames)) => frames,
+                (Slot::Remote(rx, n), None) => rx
                     .await
-                    .unwrap_or_else(|e| vec![Frame::err(format!("ERR internal: {e}"))]),
+                    .unwrap_or_else(|_| vec![Frame::err("ERR internal: forwarder stopped"); n]),
+                (Slot::Local(_), None) => Vec::new(),
             });
         }
         out
     }
 
     /// A multi-key command, split by owner and merged.
-    async fn multi(self: &Arc<Self>, cmd: &[Vec<u8>]) -> Frame {
+    async fn multi(self: &Arc<Self>, ring: &Ring, cmd: &[Vec<u8>]) -> Frame {
         let parts = split(cmd);
         let nkeys = parts.len();
         let mut by_target: BTreeMap<Target, (Vec<usize>, Vec<Vec<u8>>)> = BTreeMap::new();
         for (i, (key, args)) in parts.into_iter().enumerate() {
             let e = by_target
-                .entry(self.target(&key))
+                .entry(self.target(ring, &key))
                 .or_insert_with(|| (Vec::new(), vec![cmd[0].clone()]));
             e.0.push(i);
             e.1.extend(args);
@@ -481,24 +639,78 @@ impl Inner {
         merge(cmd, nkeys, parts)
     }
 
+    /// DBSIZE of the whole cluster: each alive node counts the keys it is the primary of.
+    async fn cluster_dbsize(&self) -> Frame {
+        let mut total: u64 = 0;
+        for node in self.ctx.ring().nodes() {
+            match self
+                .ctx
+                .rpc
+                .call::<CacheApi>(node, &CacheRequest::CountPrimary)
+                .await
+            {
+                Ok(CacheResponse::Done(k)) => total = total.saturating_add(k),
+                Ok(_) => return Frame::err(format!("ERR DBSIZE: unexpected answer from {node}")),
+                Err(e) => {
+                    return Frame::err(format!("TRYAGAIN DBSIZE: {node} did not answer ({e})"))
+                }
+            }
+        }
+        Frame::Integer(total.min(i64::MAX as u64) as i64)
+    }
+
+    /// Keys held here whose primary is this node (in this node's ring).
+    fn count_primary(&self) -> u64 {
+        let ring = self.ctx.ring();
+        let me = self.me();
+        if alone(&ring, me) {
+            return self.lock().len() as u64;
+        }
+        self.lock()
+            .count_keys(|k| ring.owner(k).is_none_or(|o| o == me)) as u64
+    }
+
     /// Run client commands (one pipeline round) and return their replies in order, with
     /// whether the connection must close after each.
-    async fn run(self: &Arc<Self>, cmds: Vec<Vec<Vec<u8>>>) -> Vec<(Frame, bool)> {
+    async fn run(self: &Arc<Self>, mut cmds: Vec<Vec<Vec<u8>>>) -> Vec<(Frame, bool)> {
+        let ring = self.ctx.ring();
+        if alone(&ring, self.me()) {
+            // Every key lives here: run the round as it came, in one pass over the store.
+            if let Some(q) = cmds.iter().position(|c| Name::of(c).as_str() == "QUIT") {
+                cmds.truncate(q + 1);
+            }
+            return self.exec_local(&cmds).await;
+        }
+        enum Plan {
+            Key(Target),
+            Local,
+            Multi,
+        }
         let n = cmds.len();
         let mut replies: Vec<Option<(Frame, bool)>> = vec![None; n];
         let mut pending = Pending::new();
         for (i, cmd) in cmds.into_iter().enumerate() {
-            match route(&cmd) {
-                Route::Key(key) => {
-                    let e = pending.entry(self.target(&key)).or_default();
+            let plan = match route(&cmd) {
+                Route::Key(key) => Plan::Key(self.target(&ring, key)),
+                Route::Local => Plan::Local,
+                Route::Multi => Plan::Multi,
+            };
+            match plan {
+                Plan::Key(target) => {
+                    let e = pending.entry(target).or_default();
                     e.0.push(i);
                     e.1.push(cmd);
                 }
-                Route::Local => {
-                    let quit = commands::name(&cmd) == "QUIT";
+                Plan::Local => {
+                    let name = Name::of(&cmd);
+                    let quit = name.as_str() == "QUIT";
                     if quit {
                         // Nothing after QUIT runs; what came before is answered first.
                         self.flush(&mut pending, &mut replies).await;
+                    }
+                    if name.as_str() == "DBSIZE" && cmd.len() == 1 {
+                        replies[i] = Some((self.cluster_dbsize().await, false));
+                        continue;
                     }
                     let mut r = self.exec_local(std::slice::from_ref(&cmd)).await;
                     replies[i] = r.pop();
@@ -507,9 +719,9 @@ impl Inner {
                         return replies.into_iter().flatten().collect();
                     }
                 }
-                Route::Multi => {
+                Plan::Multi => {
                     self.flush(&mut pending, &mut replies).await;
-                    replies[i] = Some((self.multi(&cmd).await, false));
+                    replies[i] = Some((self.multi(&ring, &cmd).await, false));
                 }
             }
         }
@@ -579,22 +791,85 @@ impl Inner {
     }
 }
 
-/// One ordered queue and sender task per replica target.
-fn spawn_replicator(
-    rpc: dsys_runtime::Rpc,
-    target: String,
-    dropped: Arc<AtomicU64>,
-) -> mpsc::Sender<ReplItem> {
-    let (tx, mut rx) = mpsc::channel::<ReplItem>(REPL_QUEUE);
+/// The forwarder of one primary node: gathers the jobs of all connections bound for it
+/// into one [`CacheRequest::Exec`] while earlier batches are in flight (at most `inflight`
+/// at once), so many clients cost one RPC per round trip instead of one each. Jobs are
+/// taken whole and in arrival order, so a connection's commands for this node stay together
+/// and in order; they are answered in order by the primary, which runs a batch in one pass.
+async fn forward_loop(
+    inner: Weak<Inner>,
+    node: String,
+    mut jobs_rx: mpsc::UnboundedReceiver<Job>,
+    inflight: usize,
+) {
+    let slots = Arc::new(Semaphore::new(inflight.max(1)));
+    let mut waiting: VecDeque<Job> = VecDeque::new();
+    loop {
+        if waiting.is_empty() {
+            match jobs_rx.recv().await {
+                Some(j) => waiting.push_back(j),
+                None => return,
+            }
+        }
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        // Everything that arrived while the slots were busy goes in this batch.
+        while let Ok(j) = jobs_rx.try_recv() {
+            waiting.push_back(j);
+        }
+        let (mut n, mut bytes) = (0, 0);
+        let mut batch = Vec::new();
+        while let Some(j) = waiting.front() {
+            if !batch.is_empty() && (n + j.cmds.len() > MAX_BATCH || bytes + j.bytes > BATCH_BYTES)
+            {
+                break;
+            }
+            n += j.cmds.len();
+            bytes += j.bytes;
+            batch.extend(waiting.pop_front());
+        }
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        let node = node.clone();
+        tokio::spawn(async move {
+            inner.send_jobs(node, batch).await;
+            drop(permit);
+        });
+    }
+}
+
+/// One ordered queue and sender task per replica target. Writers push whole batches (one
+/// per executed round); the task sends everything queued in one [`CacheRequest::Replicate`]
+/// (up to [`MAX_BATCH`] items), one RPC at a time, so the order per key is kept.
+fn spawn_replicator(rpc: dsys_runtime::Rpc, target: String, dropped: Arc<AtomicU64>) -> ReplQueue {
+    let (tx, mut rx) = mpsc::unbounded_channel::<Vec<ReplItem>>();
+    let queued = Arc::new(AtomicUsize::new(0));
+    let q = queued.clone();
     tokio::spawn(async move {
-        while let Some(first) = rx.recv().await {
-            let mut batch = vec![first];
-            while batch.len() < MAX_BATCH {
-                match rx.try_recv() {
-                    Ok(it) => batch.push(it),
-                    Err(_) => break,
+        let mut buf: VecDeque<ReplItem> = VecDeque::new();
+        loop {
+            if buf.is_empty() {
+                match rx.recv().await {
+                    Some(v) => buf.extend(v),
+                    None => return,
                 }
             }
+            while let Ok(v) = rx.try_recv() {
+                buf.extend(v);
+            }
+            let mut batch = Vec::new();
+            let mut bytes = 0;
+            while let Some(it) = buf.front() {
+                let b = it.key.len() + it.value.as_ref().map_or(0, Vec::len) + 16;
+                if !batch.is_empty() && (batch.len() >= MAX_BATCH || bytes + b > BATCH_BYTES) {
+                    break;
+                }
+                bytes += b;
+                batch.extend(buf.pop_front());
+            }
+            q.fetch_sub(batch.len(), Ordering::Relaxed);
             let n = batch.len() as u64;
             if let Err(e) = rpc
                 .call::<CacheApi>(&target, &CacheRequest::Replicate(batch))
@@ -605,7 +880,7 @@ fn spawn_replicator(
             }
         }
     });
-    tx
+    ReplQueue { tx, queued }
 }
 
 /// Serve one RESP connection: parse every complete command buffered, run them, write all
@@ -777,6 +1052,7 @@ impl Plugin for CachePlugin {
             clients: AtomicUsize::new(0),
             repl_tx: Mutex::new(HashMap::new()),
             repl_dropped: Arc::new(AtomicU64::new(0)),
+            forward_tx: Mutex::new(HashMap::new()),
             loads: AtomicU64::new(0),
         });
         let (stop_tx, stop_rx) = watch::channel(());
@@ -877,6 +1153,7 @@ impl Plugin for CachePlugin {
                         .collect(),
                 ))
             }
+            CacheRequest::CountPrimary => Ok(CacheResponse::Done(i.count_primary())),
             CacheRequest::Replicate(items) => {
                 if items.len() > MAX_BATCH {
                     return Err(RpcError::refused(format!(

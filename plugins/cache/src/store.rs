@@ -244,13 +244,30 @@ impl Store {
     }
 
     fn remove_entry(&mut self, key: &[u8]) -> Option<Entry> {
-        let e = self.map.swap_remove(key)?;
+        let i = self.map.get_index_of(key)?;
+        self.remove_index(i)
+    }
+
+    fn remove_index(&mut self, i: usize) -> Option<Entry> {
+        let (key, e) = self.map.swap_remove_index(i)?;
         let vol = e.expire_at.is_some();
         if vol {
-            self.volatile.swap_remove(key);
+            self.volatile.swap_remove(&key);
         }
-        self.used = self.used.saturating_sub(cost(key, &e.value, vol));
+        self.used = self.used.saturating_sub(cost(&key, &e.value, vol));
         Some(e)
+    }
+
+    /// The position of `key` if it is held and not expired; an expired entry is removed
+    /// (and counted). One hash lookup: the hot paths (GET, SET) go through here once.
+    fn live(&mut self, key: &[u8], now: u64) -> Option<usize> {
+        let (i, _, e) = self.map.get_full(key)?;
+        if e.expire_at.is_some_and(|t| t <= now) {
+            self.remove_index(i);
+            self.stats.expired += 1;
+            return None;
+        }
+        Some(i)
     }
 
     /// Remove `key` if its TTL passed; true if it did.
@@ -271,10 +288,10 @@ impl Store {
         e.lfu.saturating_sub(periods.min(255) as u8)
     }
 
-    fn touch(&mut self, key: &[u8], now: u64) {
+    fn touch(&mut self, i: usize, now: u64) {
         let r = self.rand_f64();
         let (factor, decay) = (self.cfg.lfu_log_factor as f64, self.cfg.lfu_decay_ms);
-        let Some(e) = self.map.get_mut(key) else {
+        let Some((_, e)) = self.map.get_index_mut(i) else {
             return;
         };
         e.last_access = now;
@@ -359,27 +376,30 @@ impl Store {
 
     /// Read `key`, counting a hit or a miss.
     pub fn get(&mut self, key: &[u8], now: u64) -> Option<Vec<u8>> {
-        self.expire_if_due(key, now);
-        if self.map.contains_key(key) {
-            self.stats.hits += 1;
-            self.touch(key, now);
-            self.map.get(key).map(|e| e.value.clone())
-        } else {
-            self.stats.misses += 1;
-            None
+        match self.live(key, now) {
+            Some(i) => {
+                self.stats.hits += 1;
+                self.touch(i, now);
+                self.map.get_index(i).map(|(_, e)| e.value.clone())
+            }
+            None => {
+                self.stats.misses += 1;
+                None
+            }
         }
     }
 
     /// Whether `key` exists (not counted as a hit or miss).
     pub fn exists(&mut self, key: &[u8], now: u64) -> bool {
-        self.expire_if_due(key, now);
-        self.map.contains_key(key)
+        self.live(key, now).is_some()
     }
 
     /// The value and absolute expiry of `key`, without touching it (for replication).
     pub fn peek(&mut self, key: &[u8], now: u64) -> Option<(Vec<u8>, Option<u64>)> {
-        self.expire_if_due(key, now);
-        self.map.get(key).map(|e| (e.value.clone(), e.expire_at))
+        let i = self.live(key, now)?;
+        self.map
+            .get_index(i)
+            .map(|(_, e)| (e.value.clone(), e.expire_at))
     }
 
     /// Write `value` under `key` according to `opts`.
@@ -393,23 +413,24 @@ impl Store {
         if value.len() > self.cfg.max_value {
             return Err(StoreError::TooLarge);
         }
-        self.expire_if_due(key, now);
-        let cur = self.map.get(key);
+        let cur = self.live(key, now);
         let exists = cur.is_some();
-        let old = cur.map(|e| e.value.clone());
-        let old_ttl = cur.and_then(|e| e.expire_at);
         if (opts.nx && exists) || (opts.xx && !exists) {
+            let old = cur
+                .and_then(|i| self.map.get_index(i))
+                .map(|(_, e)| e.value.clone());
             return Ok(SetOutcome {
                 written: false,
                 old,
             });
         }
         let expire_at = if opts.keep_ttl {
-            old_ttl
+            cur.and_then(|i| self.map.get_index(i))
+                .and_then(|(_, e)| e.expire_at)
         } else {
             opts.expire_at
         };
-        self.put(key, value, expire_at, now)?;
+        let old = self.put_at(key, cur, value, expire_at, now)?;
         Ok(SetOutcome { written: true, old })
     }
 
@@ -422,47 +443,76 @@ impl Store {
         expire_at: Option<u64>,
         now: u64,
     ) -> Result<(), StoreError> {
+        let cur = self.map.get_index_of(key);
+        self.put_at(key, cur, value, expire_at, now).map(|_| ())
+    }
+
+    /// [`Store::put`] for a key found at position `cur` (or absent): replaces the value in
+    /// place, so writing an existing key costs no further lookup. Returns the old value.
+    fn put_at(
+        &mut self,
+        key: &[u8],
+        mut cur: Option<usize>,
+        value: Vec<u8>,
+        expire_at: Option<u64>,
+        now: u64,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
         if expire_at.is_some_and(|t| t <= now) {
-            self.remove_entry(key);
-            return Ok(());
+            return Ok(cur.and_then(|i| self.remove_index(i)).map(|e| e.value));
         }
-        let new_cost = cost(key, &value, expire_at.is_some());
-        let old_cost = self
-            .map
-            .get(key)
-            .map(|e| cost(key, &e.value, e.expire_at.is_some()))
+        let volatile = expire_at.is_some();
+        let new_cost = cost(key, &value, volatile);
+        let old_cost = cur
+            .and_then(|i| self.map.get_index(i))
+            .map(|(_, e)| cost(key, &e.value, e.expire_at.is_some()))
             .unwrap_or(0);
-        if self.cfg.maxmemory > 0 && new_cost > self.cfg.maxmemory {
+        let max = self.cfg.maxmemory;
+        if max > 0 && new_cost > max {
             return Err(StoreError::Oom);
         }
-        self.make_room(new_cost.saturating_sub(old_cost), key, now)?;
-        let (lfu, lfu_touched) = match self.map.get(key) {
-            Some(e) => (e.lfu, e.lfu_touched),
-            None => (LFU_INIT, now),
-        };
-        let old = self.map.insert(
-            key.to_vec(),
-            Entry {
-                value,
-                expire_at,
-                last_access: now,
-                lfu,
-                lfu_touched,
-            },
-        );
-        let was_volatile = old.as_ref().is_some_and(|e| e.expire_at.is_some());
-        match (was_volatile, expire_at.is_some()) {
-            (false, true) => {
-                self.volatile.insert(key.to_vec());
-            }
-            (true, false) => {
-                self.volatile.swap_remove(key);
-            }
-            _ => {}
+        let extra = new_cost.saturating_sub(old_cost);
+        if max > 0 && self.used.saturating_add(extra) > max {
+            self.make_room(extra, key, now)?;
+            // Evictions move entries around: find the key again.
+            cur = self.map.get_index_of(key);
         }
+        let (i, old) = match cur.and_then(|i| self.map.get_index_mut(i).map(|(_, e)| (i, e))) {
+            Some((i, e)) => {
+                let was_volatile = e.expire_at.is_some();
+                let old = std::mem::replace(&mut e.value, value);
+                e.expire_at = expire_at;
+                e.last_access = now;
+                match (was_volatile, volatile) {
+                    (false, true) => {
+                        self.volatile.insert(key.to_vec());
+                    }
+                    (true, false) => {
+                        self.volatile.swap_remove(key);
+                    }
+                    _ => {}
+                }
+                (i, Some(old))
+            }
+            None => {
+                let (i, _) = self.map.insert_full(
+                    key.to_vec(),
+                    Entry {
+                        value,
+                        expire_at,
+                        last_access: now,
+                        lfu: LFU_INIT,
+                        lfu_touched: now,
+                    },
+                );
+                if volatile {
+                    self.volatile.insert(key.to_vec());
+                }
+                (i, None)
+            }
+        };
         self.used = self.used.saturating_sub(old_cost).saturating_add(new_cost);
-        self.touch(key, now);
-        Ok(())
+        self.touch(i, now);
+        Ok(old)
     }
 
     /// Delete `key`; true if it existed.
@@ -562,6 +612,11 @@ impl Store {
             }
         }
         removed
+    }
+
+    /// How many held keys satisfy `pred` (expired ones not yet removed included).
+    pub fn count_keys(&self, mut pred: impl FnMut(&[u8]) -> bool) -> usize {
+        self.map.keys().filter(|k| pred(k)).count()
     }
 
     /// Delete every key starting with `prefix`; how many were deleted.
@@ -815,5 +870,124 @@ mod tests {
             .count();
         assert_eq!(s.remove_prefix(b"k09"), want);
         assert_eq!(s.len(), n - want);
+    }
+
+    /// Random writes, reads, deletes and expiries on a few keys agree with a plain map model
+    /// (no eviction), and the memory account always equals the sum of the entries' costs.
+    mod model {
+        use super::*;
+        use proptest::prelude::*;
+        use std::collections::BTreeMap;
+
+        #[derive(Debug, Clone)]
+        enum Op {
+            Set(u8, u8, Option<u8>, bool, bool, bool),
+            Put(u8, u8, Option<u8>),
+            Get(u8),
+            Del(u8),
+            Expire(u8, Option<u8>),
+            Tick(u8),
+        }
+
+        fn op() -> impl Strategy<Value = Op> {
+            let k = 0u8..6;
+            prop_oneof![
+                (
+                    k.clone(),
+                    any::<u8>(),
+                    proptest::option::of(0u8..20),
+                    any::<bool>(),
+                    any::<bool>(),
+                    any::<bool>()
+                )
+                    .prop_map(|(k, v, t, nx, xx, keep)| Op::Set(k, v, t, nx, xx, keep)),
+                (k.clone(), any::<u8>(), proptest::option::of(0u8..20))
+                    .prop_map(|(k, v, t)| Op::Put(k, v, t)),
+                k.clone().prop_map(Op::Get),
+                k.clone().prop_map(Op::Del),
+                (k, proptest::option::of(0u8..20)).prop_map(|(k, t)| Op::Expire(k, t)),
+                (0u8..10).prop_map(Op::Tick),
+            ]
+        }
+
+        fn key(k: u8) -> Vec<u8> {
+            format!("key-{k}").into_bytes()
+        }
+
+        fn val(v: u8) -> Vec<u8> {
+            vec![b'v'; v as usize % 7]
+        }
+
+        proptest! {
+            #[test]
+            fn store_matches_a_map(ops in proptest::collection::vec(op(), 1..200)) {
+                let mut s = store(0, Policy::AllkeysLru);
+                // key -> (value, absolute expiry)
+                let mut m: BTreeMap<Vec<u8>, (Vec<u8>, Option<u64>)> = BTreeMap::new();
+                let mut now = 1000u64;
+                for op in ops {
+                    m.retain(|_, (_, t)| t.is_none_or(|t| t > now));
+                    match op {
+                        Op::Set(k, v, t, nx, xx, keep) => {
+                            let (k, v) = (key(k), val(v));
+                            let opts = SetOptions {
+                                expire_at: t.map(|t| now + t as u64),
+                                keep_ttl: keep && t.is_none(),
+                                nx,
+                                xx: xx && !nx,
+                            };
+                            let cur = m.get(&k).cloned();
+                            let o = s.set(&k, v.clone(), opts, now).expect("set");
+                            prop_assert_eq!(o.old, cur.as_ref().map(|c| c.0.clone()));
+                            let write = !(opts.nx && cur.is_some()) && !(opts.xx && cur.is_none());
+                            prop_assert_eq!(o.written, write);
+                            if write {
+                                let at = if opts.keep_ttl { cur.and_then(|c| c.1) } else { opts.expire_at };
+                                m.insert(k, (v, at));
+                            }
+                        }
+                        Op::Put(k, v, t) => {
+                            let (k, v) = (key(k), val(v));
+                            let at = t.map(|t| now + t as u64);
+                            s.put(&k, v.clone(), at, now).expect("put");
+                            if at.is_some_and(|t| t <= now) {
+                                m.remove(&k);
+                            } else {
+                                m.insert(k, (v, at));
+                            }
+                        }
+                        Op::Get(k) => {
+                            let k = key(k);
+                            prop_assert_eq!(s.get(&k, now), m.get(&k).map(|e| e.0.clone()));
+                        }
+                        Op::Del(k) => {
+                            let k = key(k);
+                            prop_assert_eq!(s.del(&k, now), m.remove(&k).is_some());
+                        }
+                        Op::Expire(k, t) => {
+                            let k = key(k);
+                            let at = t.map(|t| now + t as u64);
+                            prop_assert_eq!(s.set_expiry(&k, at, now), m.contains_key(&k));
+                            if at.is_some_and(|t| t <= now) {
+                                m.remove(&k);
+                            } else if let Some(e) = m.get_mut(&k) {
+                                e.1 = at;
+                            }
+                        }
+                        Op::Tick(d) => now += d as u64,
+                    }
+                    m.retain(|_, (_, t)| t.is_none_or(|t| t > now));
+                    // Peeking every key also drops the expired ones, so the counts below
+                    // cover live keys only.
+                    for k in (0..6).map(key) {
+                        prop_assert_eq!(s.peek(&k, now), m.get(&k).cloned());
+                    }
+                    let want: usize = m.iter().map(|(k, (v, t))| cost(k, v, t.is_some())).sum();
+                    prop_assert_eq!(s.len(), m.len());
+                    prop_assert_eq!(s.used_memory(), want);
+                    prop_assert_eq!(s.volatile_len(), m.values().filter(|e| e.1.is_some()).count());
+                }
+            }
+        }
     }
 }

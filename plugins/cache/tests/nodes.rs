@@ -130,6 +130,7 @@ async fn scenario() {
         resp_port(&certs, &n3).await,
     );
     let (mut c1, mut c2, mut c3) = (conn(p1).await, conn(p2).await, conn(p3).await);
+    let id = TlsIdentity::load(&certs, "cli").expect("cli identity");
 
     // Basics, and writes on one node read on every other.
     assert_eq!(cmd::<String>(&mut c1, &["PING"]).await, "PONG");
@@ -145,6 +146,63 @@ async fn scenario() {
         assert_eq!(v.as_deref(), Some(format!("v{i}").as_str()), "{k} on n3");
     }
     assert_eq!(cmd::<Option<String>>(&mut c2, &["GET", "nope"]).await, None);
+
+    // DBSIZE counts the cluster (each key once, at its primary), whichever node answers.
+    for c in [&mut c1, &mut c2, &mut c3] {
+        assert_eq!(cmd::<i64>(c, &["DBSIZE"]).await, 60);
+    }
+
+    // Many connections at once: their commands for one owner share forwarded batches, and
+    // each connection still gets its own replies, in order.
+    let ring = n1.membership().ring();
+    let mut tasks = Vec::new();
+    for t in 0..16 {
+        tasks.push(tokio::spawn(async move {
+            let mut c = conn(p1).await;
+            for i in 0..40 {
+                let k = format!("conc:{t}:{i}");
+                let mut pipe = redis::pipe();
+                pipe.cmd("SET").arg(&k).arg(i).ignore();
+                pipe.cmd("INCRBY").arg(&k).arg(t);
+                pipe.cmd("GET").arg(&k);
+                let (n, v): (i64, String) = pipe.query_async(&mut c).await.expect("pipeline");
+                assert_eq!(n, i + t);
+                assert_eq!(v, (i + t).to_string());
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("connection task");
+    }
+
+    // One pipeline over keys of all three owners, interleaved: replies come back in order.
+    let owners: std::collections::BTreeSet<String> = (0..150)
+        .filter_map(|i| ring.preference_list(format!("o:{i}").as_bytes(), 1).pop())
+        .collect();
+    assert_eq!(owners.len(), 3, "the keys span every owner");
+    let mut pipe = redis::pipe();
+    for i in 0..150 {
+        pipe.cmd("SET").arg(format!("o:{i}")).arg(i * 10).ignore();
+        pipe.cmd("INCR").arg(format!("o:{i}"));
+        pipe.cmd("APPEND").arg(format!("o:{i}")).arg("x");
+        pipe.cmd("GET").arg(format!("o:{i}"));
+    }
+    let out: Vec<redis::Value> = pipe.query_async(&mut c2).await.expect("pipeline");
+    assert_eq!(out.len(), 450);
+    for i in 0..150 {
+        let v = i as i64 * 10 + 1;
+        assert_eq!(out[3 * i], redis::Value::Int(v), "INCR o:{i}");
+        assert_eq!(
+            out[3 * i + 1],
+            redis::Value::Int(v.to_string().len() as i64 + 1),
+            "APPEND o:{i}"
+        );
+        assert_eq!(
+            out[3 * i + 2],
+            redis::Value::BulkString(format!("{v}x").into_bytes()),
+            "GET o:{i}"
+        );
+    }
 
     // Pipelining: 300 commands in one write, answered in order.
     let mut pipe = redis::pipe();
@@ -258,7 +316,6 @@ async fn scenario() {
     assert_eq!(cmd::<String>(&mut c3, &["PING"]).await, "PONG");
 
     // The CLI requests.
-    let id = TlsIdentity::load(&certs, "cli").expect("cli identity");
     let client = Client::new(&id, vec![n2.rpc_addr()], Duration::from_secs(10)).expect("client");
     let r = client
         .call::<CacheApi>(&CacheRequest::Set {
@@ -320,11 +377,72 @@ async fn scenario() {
         .take(10)
         .collect();
     assert!(!keys.is_empty());
+    // Their copies are on n1 and n2 (one each): wait until both hold them all.
+    let held = |n: &Node| {
+        let client = Client::new(&id, vec![n.rpc_addr()], Duration::from_secs(10)).expect("client");
+        async move {
+            match client.call::<CacheApi>(&CacheRequest::Stats).await {
+                Ok(CacheResponse::Stats(s)) => s.keys,
+                other => panic!("stats: {other:?}"),
+            }
+        }
+    };
+    let before = held(&n1).await + held(&n2).await;
     for k in &keys {
         let _: () = cmd(&mut c1, &["SET", k, &format!("val-{k}")]).await;
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let t0 = tokio::time::Instant::now();
+    while held(&n1).await + held(&n2).await < before + keys.len() as u64 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "replica copies never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Keys of the survivors, to mix into batches with the dead owner's.
+    let others: Vec<String> = (0..200)
+        .map(|i| format!("alive:{i}"))
+        .filter(|k| {
+            ring.preference_list(k.as_bytes(), 1)
+                .first()
+                .map(String::as_str)
+                != Some("n3")
+        })
+        .take(10)
+        .collect();
+    for k in &others {
+        let _: () = cmd(&mut c2, &["SET", k, &format!("val-{k}")]).await;
+    }
     n3.kill().await;
+    // A pipeline mixing the dead owner's keys with the others': the batch bound for n3
+    // fails over to the replicas, and every reply comes back in order.
+    let t0 = tokio::time::Instant::now();
+    loop {
+        let mut pipe = redis::pipe();
+        for (a, b) in keys.iter().zip(others.iter().cycle()) {
+            pipe.cmd("GET").arg(a);
+            pipe.cmd("GET").arg(b);
+        }
+        let got: redis::RedisResult<Vec<Option<String>>> = pipe.query_async(&mut c1).await;
+        match got {
+            Ok(vals) => {
+                let want: Vec<Option<String>> = keys
+                    .iter()
+                    .zip(others.iter().cycle())
+                    .flat_map(|(a, b)| [Some(format!("val-{a}")), Some(format!("val-{b}"))])
+                    .collect();
+                assert_eq!(vals, want);
+                break;
+            }
+            Err(e) => {
+                assert!(
+                    t0.elapsed() < Duration::from_secs(30),
+                    "mixed pipeline not served after the primary died: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
     for k in &keys {
         let t0 = tokio::time::Instant::now();
         loop {
