@@ -9,9 +9,13 @@
 //!   `Always` writes and fsyncs each record on its own; `Interval(d)` acknowledges after the
 //!   write and fsyncs every `d`: a SIGKILL loses nothing (the bytes are in the kernel's page
 //!   cache), a power loss loses up to `d` of acknowledged appends.
-//! * **The writer** is a dedicated OS thread (blocking file I/O never stalls tokio's workers);
-//!   callers wait on oneshot channels. It exits when the log is closed or every handle is
-//!   dropped. After any failed write or fsync the log is poisoned: every later call fails
+//! * **The writer** is a pair of OS threads (blocking file I/O never stalls tokio's workers)
+//!   that relay one role between them: the one holding the queue gathers a batch and writes
+//!   it, then hands the queue to the other and fsyncs outside the lock. So the next batch is
+//!   gathered and written while the previous fsync is still running, and with a single
+//!   writer the path is the same as with one thread (no extra hand-off). An acknowledgement
+//!   is sent only once `durable_lsn` covers the record. Callers wait on oneshot channels.
+//!   The threads exit when the log is closed or every handle is dropped. After any failed write or fsync the log is poisoned: every later call fails
 //!   until it is reopened, because after a failed fsync the page cache cannot be trusted.
 //! * **Checkpoints** record an LSN durably (`checkpoint` file, written then renamed) and delete
 //!   the segments wholly below it; the active segment always stays.
@@ -329,10 +333,14 @@ impl Wal {
                 }
             });
         }
-        std::thread::Builder::new()
-            .name("dsys-wal-writer".into())
-            .spawn(move || writer.run(rx))
-            .map_err(|e| WalError::io("spawn writer thread", &cfg.dir, e))?;
+        let relay = Arc::new(Mutex::new(Some(Core { rx, w: writer })));
+        for i in 0..WRITER_THREADS {
+            let relay = relay.clone();
+            std::thread::Builder::new()
+                .name(format!("dsys-wal-writer-{i}"))
+                .spawn(move || run_relay(&relay))
+                .map_err(|e| WalError::io("spawn writer thread", &cfg.dir, e))?;
+        }
         let wal = Wal {
             inner: Arc::new(Inner {
                 max_record_bytes: cfg.max_record_bytes,
@@ -670,12 +678,11 @@ fn open_sync(cfg: &WalConfig) -> Result<(WalRecovery, Writer, u64, Arc<Shared>),
     let writer = Writer {
         shared: shared.clone(),
         segment_bytes: cfg.segment_bytes,
-        file,
+        file: Arc::new(file),
         seg_len: active.len,
         buf: Vec::with_capacity(1 << 20),
         buf_last: last,
         written: last,
-        durable: last,
         next_expected: next_lsn,
         buf_records: 0,
         _lock: lock_file,
@@ -687,12 +694,12 @@ fn open_sync(cfg: &WalConfig) -> Result<(WalRecovery, Writer, u64, Arc<Shared>),
 struct Writer {
     shared: Arc<Shared>,
     segment_bytes: u64,
-    file: File,
+    /// Shared with a thread that fsyncs it outside the lock.
+    file: Arc<File>,
     seg_len: u64,
     buf: Vec<u8>,
     buf_last: u64,
     written: u64,
-    durable: u64,
     next_expected: u64,
     /// Records in `buf`.
     buf_records: u64,
@@ -700,54 +707,141 @@ struct Writer {
     _lock: File,
 }
 
-impl Writer {
-    fn run(mut self, mut rx: mpsc::UnboundedReceiver<Msg>) {
-        loop {
-            let Some(first) = rx.blocking_recv() else {
-                // Every handle dropped: make what was written durable, then stop.
-                let _ = self.flush_and_sync(true);
-                return;
-            };
-            let mut bytes = first.bytes();
-            let mut batch = vec![first];
-            if self.shared.sync != SyncPolicy::Always {
-                while bytes < MAX_BATCH_BYTES {
-                    match rx.try_recv() {
-                        Ok(m) => {
-                            bytes += m.bytes();
-                            batch.push(m);
-                        }
-                        Err(_) => break,
+/// Threads that relay the writer role (see the module docs).
+const WRITER_THREADS: usize = 2;
+
+/// What the thread holding the queue owns: the queue and the writer state.
+struct Core {
+    rx: mpsc::UnboundedReceiver<Msg>,
+    w: Writer,
+}
+
+/// `None` once the log is closed (or every handle dropped) and its folder released.
+type Relay = Mutex<Option<Core>>;
+
+/// Acknowledgements of one batch, sent once the fsync that covers them (if any) is done.
+#[derive(Default)]
+struct Pending {
+    acks: Vec<(Ack<u64>, u64)>,
+    syncs: Vec<(Ack<()>, u64)>,
+    ckpts: Vec<(Ack<CheckpointInfo>, Result<CheckpointInfo, WalError>)>,
+    /// fsync this file to make everything up to this LSN durable.
+    fsync: Option<(Arc<File>, PathBuf, u64)>,
+}
+
+fn run_relay(relay: &Relay) {
+    loop {
+        let mut guard = lock(relay);
+        let Some(core) = guard.as_mut() else { return };
+        let first = core.rx.blocking_recv();
+        let Some(first) = first else {
+            // Every handle dropped: make what was written durable, then stop.
+            if let Some(mut core) = guard.take() {
+                let _ = core.w.flush_and_sync(true);
+            }
+            return;
+        };
+        let mut bytes = first.bytes();
+        let mut batch = vec![first];
+        if core.w.shared.sync != SyncPolicy::Always {
+            while bytes < MAX_BATCH_BYTES {
+                match core.rx.try_recv() {
+                    Ok(m) => {
+                        bytes += m.bytes();
+                        batch.push(m);
                     }
+                    Err(_) => break,
                 }
             }
-            if let Some((ack, r)) = self.batch(batch) {
-                // Release the folder (file and lock) before telling the closer we are done,
-                // so that a reopen right after `close` finds it free.
-                drop(self);
-                let _ = ack.send(r);
-                return;
+        }
+        let (pending, close) = core.w.gather(batch);
+        let shared = core.w.shared.clone();
+        if let Some(ack) = close {
+            // Release the folder (file and lock) before telling the closer we are done, so
+            // that a reopen right after `close` finds it free. The other thread sees `None`.
+            let r = match core.w.flush_and_sync(true) {
+                Ok(()) => shared
+                    .poisoned()
+                    .map_or(Ok(()), |p| Err(WalError::Poisoned(p))),
+                Err(e) => Err(e),
+            };
+            guard.take();
+            drop(guard);
+            pending.finish(&shared);
+            let _ = ack.send(r);
+            return;
+        }
+        // Hand the queue to the other thread, then fsync while it gathers the next batch.
+        drop(guard);
+        pending.finish(&shared);
+    }
+}
+
+impl Pending {
+    fn finish(self, shared: &Shared) {
+        if let Some((file, path, upto)) = self.fsync {
+            if shared.durable_lsn.load(Ordering::Acquire) < upto && shared.poisoned().is_none() {
+                match file.sync_data() {
+                    Ok(()) => {
+                        shared.fsyncs.fetch_add(1, Ordering::Relaxed);
+                        shared.durable_lsn.fetch_max(upto, Ordering::AcqRel);
+                    }
+                    Err(e) => poison(shared, &WalError::io("fsync", &path, e)),
+                }
             }
         }
+        let poisoned = shared.poisoned();
+        let durable = shared.durable_lsn.load(Ordering::Acquire);
+        let acked = match shared.sync {
+            SyncPolicy::Interval(_) => shared.written_lsn.load(Ordering::Acquire),
+            _ => durable,
+        };
+        for (a, lsn) in self.acks {
+            let _ = a.send(match &poisoned {
+                Some(p) => Err(WalError::Poisoned(p.clone())),
+                None if lsn <= acked => Ok(lsn),
+                None => Err(WalError::Poisoned("record not written".into())),
+            });
+        }
+        for (a, lsn) in self.syncs {
+            let _ = a.send(match &poisoned {
+                Some(p) => Err(WalError::Poisoned(p.clone())),
+                None if lsn <= durable => Ok(()),
+                None => Err(WalError::Poisoned("sync did not cover the LSN".into())),
+            });
+        }
+        for (a, r) in self.ckpts {
+            let _ = a.send(r);
+        }
     }
+}
 
+fn syncs_beyond(syncs: &[(Ack<()>, u64)], durable: u64) -> bool {
+    syncs.iter().any(|(_, l)| *l > durable)
+}
+
+fn poison(shared: &Shared, e: &WalError) {
+    let mut p = lock(&shared.poisoned);
+    if p.is_none() {
+        tracing::error!(error = %e, "WAL write failed; the log refuses writes until reopened");
+        *p = Some(e.to_string());
+    }
+}
+
+impl Writer {
     fn poisoned(&self) -> Option<String> {
         self.shared.poisoned()
     }
 
     fn poison(&mut self, e: &WalError) {
-        let mut p = lock(&self.shared.poisoned);
-        if p.is_none() {
-            tracing::error!(error = %e, "WAL write failed; the log refuses writes until reopened");
-            *p = Some(e.to_string());
-        }
+        poison(&self.shared, e);
     }
 
-    /// Handle one gathered batch; returns the close acknowledgement (and its answer) when
-    /// the writer must stop.
-    fn batch(&mut self, batch: Vec<Msg>) -> Option<(Ack<()>, Result<(), WalError>)> {
-        let mut acks: Vec<(Ack<u64>, u64)> = Vec::new();
-        let mut syncs: Vec<(Ack<()>, u64)> = Vec::new();
+    /// Under the lock: encode and write one gathered batch, run its checkpoints, and say
+    /// which fsync (done after the lock is released) its acknowledgements wait for. Returns
+    /// the close acknowledgement when the log must stop.
+    fn gather(&mut self, batch: Vec<Msg>) -> (Pending, Option<Ack<()>>) {
+        let mut p = Pending::default();
         let mut ckpts: Vec<(Ack<CheckpointInfo>, u64)> = Vec::new();
         let mut close: Option<Ack<()>> = None;
         let mut tick = false;
@@ -765,59 +859,36 @@ impl Writer {
                         }
                     }
                     if let Some(a) = ack {
-                        acks.push((a, last));
+                        p.acks.push((a, last));
                     }
                 }
-                Msg::Sync { lsn, ack } => syncs.push((ack, lsn)),
+                Msg::Sync { lsn, ack } => p.syncs.push((ack, lsn)),
                 Msg::Checkpoint { upto, ack } => ckpts.push((ack, upto)),
                 Msg::Tick => tick = true,
                 Msg::Close { ack } => close = Some(ack),
             }
         }
+        let durable = self.shared.durable_lsn.load(Ordering::Acquire);
         let want_sync = match self.shared.sync {
             SyncPolicy::Always | SyncPolicy::Batch => true,
-            SyncPolicy::Interval(_) => {
-                tick || close.is_some() || syncs.iter().any(|(_, l)| *l > self.durable)
-            }
+            SyncPolicy::Interval(_) => tick || syncs_beyond(&p.syncs, durable),
         };
         if self.poisoned().is_none() {
-            if let Err(e) = self.flush_and_sync(want_sync) {
+            if let Err(e) = self.flush_and_sync(false) {
                 self.poison(&e);
             }
         }
-        let poisoned = self.poisoned();
-        let acked = match self.shared.sync {
-            SyncPolicy::Interval(_) => self.written,
-            _ => self.durable,
-        };
-        for (a, lsn) in acks {
-            let _ = a.send(match &poisoned {
-                Some(p) => Err(WalError::Poisoned(p.clone())),
-                None if lsn <= acked => Ok(lsn),
-                None => Err(WalError::Poisoned("record not written".into())),
-            });
-        }
-        for (a, lsn) in syncs {
-            let _ = a.send(match &poisoned {
-                Some(p) => Err(WalError::Poisoned(p.clone())),
-                None if lsn <= self.durable => Ok(()),
-                None => Err(WalError::Poisoned("sync did not cover the LSN".into())),
-            });
+        if want_sync && self.written > durable && self.poisoned().is_none() {
+            p.fsync = Some((self.file.clone(), self.active_path(), self.written));
         }
         for (a, upto) in ckpts {
-            let r = match &poisoned {
-                Some(p) => Err(WalError::Poisoned(p.clone())),
+            let r = match self.poisoned() {
+                Some(e) => Err(WalError::Poisoned(e)),
                 None => self.checkpoint(upto),
             };
-            let _ = a.send(r);
+            p.ckpts.push((a, r));
         }
-        close.map(|a| {
-            let r = match &poisoned {
-                Some(p) => Err(WalError::Poisoned(p.clone())),
-                None => Ok(()),
-            };
-            (a, r)
-        })
+        (p, close)
     }
 
     /// Encode records into the batch buffer, rolling segments at the size limit.
@@ -851,7 +922,7 @@ impl Writer {
     fn flush_and_sync(&mut self, sync: bool) -> Result<(), WalError> {
         if !self.buf.is_empty() {
             let path = self.active_path();
-            self.file
+            (&*self.file)
                 .write_all(&self.buf)
                 .map_err(|e| WalError::io("write", &path, e))?;
             let n = self.buf.len() as u64;
@@ -871,16 +942,15 @@ impl Writer {
                 s.len = self.seg_len;
             }
         }
-        if sync && self.durable < self.written {
+        if sync && self.shared.durable_lsn.load(Ordering::Acquire) < self.written {
             let path = self.active_path();
             self.file
                 .sync_data()
                 .map_err(|e| WalError::io("fsync", &path, e))?;
             self.shared.fsyncs.fetch_add(1, Ordering::Relaxed);
-            self.durable = self.written;
             self.shared
                 .durable_lsn
-                .store(self.durable, Ordering::Release);
+                .fetch_max(self.written, Ordering::AcqRel);
         }
         Ok(())
     }
@@ -902,7 +972,7 @@ impl Writer {
             .map_err(|e| WalError::io("create segment", &path, e))?;
         // The new file's name must survive a power loss before records in it are acknowledged.
         segment::sync_dir(&self.shared.dir)?;
-        self.file = f;
+        self.file = Arc::new(f);
         self.seg_len = 0;
         lock(&self.shared.segments).push(SegmentMeta {
             first_lsn,
