@@ -188,17 +188,15 @@ fn matches_prefix(prefixes: &[String], key: &[u8]) -> bool {
     prefixes.iter().any(|p| key.starts_with(p.as_bytes()))
 }
 
-/// A group of commands that go to the same primary and fall back to the same replica.
+/// A group of keys that go to the same primary and fall back to the same replica.
 type Target = (String, Option<String>);
 
-/// Commands waiting to be sent, per target, with their positions in the pipeline.
-type Pending = BTreeMap<Target, (Vec<usize>, Vec<Vec<Vec<u8>>>)>;
+/// Commands waiting to be sent, per primary, with their positions in the pipeline.
+type Pending<'r> = BTreeMap<&'r str, (Vec<usize>, Vec<Vec<Vec<u8>>>)>;
 
 /// Commands of one connection's round bound for one primary, waiting in that primary's
 /// forwarder to be sent in a batch with other connections' jobs (see [`forward_loop`]).
 struct Job {
-    /// Where the commands go when the primary does not answer.
-    replica: Option<String>,
     cmds: Vec<Vec<Vec<u8>>>,
     bytes: usize,
     reply_tx: oneshot::Sender<Vec<Frame>>,
@@ -468,91 +466,106 @@ impl Inner {
     }
 
     /// Send one batch of jobs to `primary` as one [`CacheRequest::Exec`] and hand each job
-    /// its replies. When the primary does not answer, each job goes to its replica instead
-    /// (the jobs with the same replica together).
+    /// its replies. When the primary does not answer, each command goes to its key's
+    /// replica instead (see [`Inner::fail_over`]).
     async fn send_jobs(self: Arc<Self>, primary: String, jobs: Vec<Job>) {
         let total: usize = jobs.iter().map(|j| j.cmds.len()).sum();
         let mut cmds = Vec::with_capacity(total);
         let mut metas = Vec::with_capacity(jobs.len());
         for j in jobs {
-            metas.push((j.replica, j.cmds.len(), j.reply_tx));
+            metas.push((j.cmds.len(), j.reply_tx));
             cmds.extend(j.cmds);
         }
         let req = CacheRequest::Exec {
             cmds,
             replica: false,
         };
-        let err = match self.ctx.rpc.call::<CacheApi>(&primary, &req).await {
-            Ok(CacheResponse::Replies(r)) if r.len() == total => {
-                let mut r = r.into_iter();
-                for (_, n, tx) in metas {
-                    let _ = tx.send(r.by_ref().take(n).collect());
-                }
-                return;
+        let replies = match self.ctx.rpc.call::<CacheApi>(&primary, &req).await {
+            Ok(CacheResponse::Replies(r)) if r.len() == total => r,
+            other => {
+                let err = match other {
+                    Ok(_) => "unexpected answer".to_string(),
+                    Err(e) => e.to_string(),
+                };
+                let CacheRequest::Exec { cmds, .. } = req else {
+                    return;
+                };
+                self.fail_over(&primary, &err, cmds).await
             }
-            Ok(_) => "unexpected answer".to_string(),
-            Err(e) => e.to_string(),
         };
-        let CacheRequest::Exec { cmds, .. } = req else {
-            return;
-        };
-        // Give each job its commands back, then group the jobs by replica.
-        let mut cmds = cmds.into_iter();
-        let mut by_replica: Vec<(Option<String>, Vec<Vec<Vec<u8>>>, Vec<Job>)> = Vec::new();
-        for (replica, n, reply_tx) in metas {
-            let job = Job {
-                replica: replica.clone(),
-                cmds: cmds.by_ref().take(n).collect(),
-                bytes: 0,
-                reply_tx,
+        let mut r = replies.into_iter();
+        for (n, tx) in metas {
+            let _ = tx.send(r.by_ref().take(n).collect());
+        }
+    }
+
+    /// The primary of these commands did not answer: run each on its key's replica (the
+    /// first other node of the key's preference list in the current ring; by the time gossip
+    /// has declared the primary dead, that is the new primary), the commands with the same
+    /// replica in one request, in order. Replies in the order of `cmds`.
+    async fn fail_over(&self, primary: &str, err: &str, cmds: Vec<Vec<Vec<u8>>>) -> Vec<Frame> {
+        let ring = self.ctx.ring();
+        let n = cmds.len();
+        let mut groups: Vec<(Option<String>, Vec<usize>, Vec<Vec<Vec<u8>>>)> = Vec::new();
+        for (i, cmd) in cmds.into_iter().enumerate() {
+            // Every key of a forwarded command has the same primary and replica (multi-key
+            // commands are split by both), so the first key decides.
+            let key = match route(&cmd) {
+                Route::Key(k) => Some(k.to_vec()),
+                Route::Multi => split(&cmd).into_iter().next().map(|(k, _)| k),
+                Route::Local => None,
             };
-            match by_replica.iter_mut().find(|(r, _, _)| *r == replica) {
-                Some((_, all, jobs)) => {
-                    all.extend(job.cmds.iter().cloned());
-                    jobs.push(job);
+            let replica = key.and_then(|k| {
+                ring.preference_list(&k, 3)
+                    .into_iter()
+                    .find(|node| node != primary)
+            });
+            match groups.iter_mut().find(|(r, _, _)| *r == replica) {
+                Some((_, idx, c)) => {
+                    idx.push(i);
+                    c.push(cmd);
                 }
-                None => by_replica.push((replica, job.cmds.clone(), vec![job])),
+                None => groups.push((replica, vec![i], vec![cmd])),
             }
         }
-        for (replica, all, jobs) in by_replica {
-            let n = all.len();
-            let second = match replica {
+        let mut out = vec![Frame::Null; n];
+        for (replica, idx, cmds) in groups {
+            let m = cmds.len();
+            let second = match replica.as_deref() {
                 Some(r) if r == self.me() => Ok(self
-                    .exec_local(&all)
+                    .exec_local(&cmds)
                     .await
                     .into_iter()
                     .map(|(f, _)| f)
                     .collect()),
                 Some(r) => {
                     let req = CacheRequest::Exec {
-                        cmds: all,
+                        cmds,
                         replica: true,
                     };
-                    match self.ctx.rpc.call::<CacheApi>(&r, &req).await {
-                        Ok(CacheResponse::Replies(r)) if r.len() == n => Ok(r),
+                    match self.ctx.rpc.call::<CacheApi>(r, &req).await {
+                        Ok(CacheResponse::Replies(f)) if f.len() == m => Ok(f),
                         Ok(_) => Err("unexpected answer".to_string()),
                         Err(e) => Err(e.to_string()),
                     }
                 }
                 None => Err("no replica".to_string()),
             };
-            match second {
-                Ok(replies) => {
-                    let mut r = replies.into_iter();
-                    for j in jobs {
-                        let _ = j.reply_tx.send(r.by_ref().take(j.cmds.len()).collect());
-                    }
-                }
-                Err(why) => {
-                    for j in jobs {
-                        let f = Frame::err(format!(
-                            "TRYAGAIN owner {primary} unreachable ({err}); replica: {why}"
-                        ));
-                        let _ = j.reply_tx.send(vec![f; j.cmds.len()]);
-                    }
+            let frames = second.unwrap_or_else(|why| {
+                vec![
+                    Frame::err(format!(
+                        "TRYAGAIN owner {primary} unreachable ({err}); replica: {why}"
+                    ));
+                    m
+                ]
+            });
+            for (i, f) in idx.into_iter().zip(frames) {
+                if let Some(slot) = out.get_mut(i) {
+                    *slot = f;
                 }
             }
         }
+        out
     }
 
     /// Run groups of commands, each on its primary: the remote ones are handed to their
@@ -560,14 +573,14 @@ impl Inner {
     /// collected. Results in the order of `groups`.
     async fn run_groups(
         self: &Arc<Self>,
-        groups: Vec<(Target, Vec<Vec<Vec<u8>>>)>,
+        groups: Vec<(String, Vec<Vec<Vec<u8>>>)>,
     ) -> Vec<Vec<Frame>> {
         enum Slot {
             Local(Vec<Vec<Vec<u8>>>),
             Remote(oneshot::Receiver<Vec<Frame>>, usize),
         }
         let mut slots = Vec::with_capacity(groups.len());
-        for ((primary, replica), cmds) in groups {
+        for (primary, cmds) in groups {
             if primary == self.me() {
                 slots.push(Slot::Local(cmds));
                 continue;
@@ -575,7 +588,6 @@ impl Inner {
             let n = cmds.len();
             let (reply_tx, reply_rx) = oneshot::channel();
             let job = Job {
-                replica,
                 bytes: cmds_bytes(&cmds),
                 cmds,
                 reply_tx,
@@ -628,7 +640,7 @@ impl Inner {
         }
         let (idx, groups): (Vec<_>, Vec<_>) = by_target
             .into_iter()
-            .map(|(t, (idx, sub))| (idx, (t, vec![sub])))
+            .map(|((primary, _), (idx, sub))| (idx, (primary, vec![sub])))
             .unzip();
         let replies = self.run_groups(groups).await;
         let parts = idx
@@ -681,8 +693,8 @@ impl Inner {
             }
             return self.exec_local(&cmds).await;
         }
-        enum Plan {
-            Key(Target),
+        enum Plan<'r> {
+            Key(&'r str),
             Local,
             Multi,
         }
@@ -691,13 +703,13 @@ impl Inner {
         let mut pending = Pending::new();
         for (i, cmd) in cmds.into_iter().enumerate() {
             let plan = match route(&cmd) {
-                Route::Key(key) => Plan::Key(self.target(&ring, key)),
+                Route::Key(key) => Plan::Key(ring.owner(key).unwrap_or(self.me())),
                 Route::Local => Plan::Local,
                 Route::Multi => Plan::Multi,
             };
             match plan {
-                Plan::Key(target) => {
-                    let e = pending.entry(target).or_default();
+                Plan::Key(primary) => {
+                    let e = pending.entry(primary).or_default();
                     e.0.push(i);
                     e.1.push(cmd);
                 }
@@ -732,13 +744,17 @@ impl Inner {
             .collect()
     }
 
-    async fn flush(self: &Arc<Self>, pending: &mut Pending, replies: &mut [Option<(Frame, bool)>]) {
+    async fn flush(
+        self: &Arc<Self>,
+        pending: &mut Pending<'_>,
+        replies: &mut [Option<(Frame, bool)>],
+    ) {
         if pending.is_empty() {
             return;
         }
         let (idx, groups): (Vec<_>, Vec<_>) = std::mem::take(pending)
             .into_iter()
-            .map(|(t, (idx, cmds))| (idx, (t, cmds)))
+            .map(|(t, (idx, cmds))| (idx, (t.to_string(), cmds)))
             .unzip();
         for (idx, frames) in idx.into_iter().zip(self.run_groups(groups).await) {
             for (i, f) in idx.into_iter().zip(frames) {
