@@ -1,0 +1,932 @@
+//! dsys plugin 27, `consensus`: a Raft group (openraft 0.9) whose log lives in the runtime's
+//! WAL and whose messages travel over the runtime's RPC, driving an etcd-like state machine
+//! (keys with revisions, leases, watches, transactions). Every node runs the plugin; the
+//! voters come from `[plugins.consensus] voters` (default: the first three nodes) and any
+//! node, voter or not, accepts any request and forwards it to the leader.
+//!
+//! Modules: [`state`] (the pure state machine), `lease_timer` (the leader's lease clock,
+//! pure), `log_store` (Raft log + vote on the WAL), `sm_store` (state machine and snapshots),
+//! `network` (Raft RPCs over `Rpc::call`), [`api`] (wire types and the CLI). This file wires
+//! them: start, request routing, cluster initialization, lease expiry.
+#![warn(missing_docs, unreachable_pub)]
+
+pub mod api;
+mod lease_timer;
+mod log_store;
+mod network;
+mod sm_store;
+pub mod state;
+mod types;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use dsys_runtime::{Caller, MemberState, Plugin, PluginContext, RpcError};
+use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
+use openraft::{BasicNode, ChangeMembers, ServerState, SnapshotPolicy};
+use serde::Deserialize;
+use tokio::time::Instant;
+
+pub use api::{
+    event_line, ConsensusApi, ConsensusRequest, ConsensusResponse, LeaseCommand, RaftCommand,
+    RaftStatus, TxnArgs, MAX_KEY_BYTES, MAX_VALUE_BYTES,
+};
+pub use log_store::LogRecovery;
+pub use types::{raft_id, TypeConfig};
+
+use lease_timer::LeaseTimer;
+use log_store::LogStore;
+use network::Network;
+use sm_store::SmStore;
+use state::{CmdResult, Command, TxnOp};
+use types::Raft;
+
+/// Most forwarding hops of one request (a leader change mid-flight costs one or two).
+const MAX_HOPS: u8 = 4;
+/// How often the leader checks leases.
+const LEASE_TICK: Duration = Duration::from_millis(100);
+
+/// `[plugins.consensus]`.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct ConsensusConfig {
+    /// Initial voters (node ids); default: the first three nodes of the cluster file.
+    pub voters: Vec<String>,
+    /// Leader heartbeat interval (default 100 ms).
+    pub heartbeat_ms: u64,
+    /// Election timeout range (default 800..1600 ms).
+    pub election_min_ms: u64,
+    /// Election timeout range.
+    pub election_max_ms: u64,
+    /// Build a snapshot after this many log entries since the last one (default 10000).
+    pub snapshot_every: u64,
+    /// Log entries kept behind a snapshot for slow followers (default 1000).
+    pub keep_logs: u64,
+    /// Events kept for watches (default 100000).
+    pub history: usize,
+}
+
+impl ConsensusConfig {
+    fn with_defaults(mut self, nodes: &[String]) -> Result<Self, String> {
+        if self.voters.is_empty() {
+            self.voters = nodes.iter().take(3).cloned().collect();
+        }
+        let or = |v: u64, d: u64| if v == 0 { d } else { v };
+        self.heartbeat_ms = or(self.heartbeat_ms, 100);
+        self.election_min_ms = or(self.election_min_ms, 800);
+        self.election_max_ms = or(self.election_max_ms, 1600);
+        self.snapshot_every = or(self.snapshot_every, 10_000);
+        self.keep_logs = or(self.keep_logs, 1000);
+        if self.history == 0 {
+            self.history = state::DEFAULT_HISTORY;
+        }
+        let mut ids = BTreeSet::new();
+        for v in &self.voters {
+            if !nodes.contains(v) {
+                return Err(format!(
+                    "plugins.consensus.voters: `{v}` is not a node of the cluster"
+                ));
+            }
+            if !ids.insert(raft_id(v)) {
+                return Err(format!(
+                    "plugins.consensus.voters: `{v}` is listed twice (or its id collides)"
+                ));
+            }
+        }
+        if self.election_min_ms <= self.heartbeat_ms || self.election_max_ms <= self.election_min_ms
+        {
+            return Err(
+                "plugins.consensus: need heartbeat_ms < election_min_ms < election_max_ms".into(),
+            );
+        }
+        Ok(self)
+    }
+}
+
+struct Inner {
+    ctx: PluginContext,
+    me: String,
+    my_id: u64,
+    cfg: ConsensusConfig,
+    raft: Raft,
+    log: LogStore,
+    sm: SmStore,
+    leases: Mutex<LeaseTimer>,
+    recovery: LogRecovery,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Stop the Raft core so it releases the WAL (a restarted instance reopens it).
+        let raft = self.raft.clone();
+        if let Ok(h) = tokio::runtime::Handle::try_current() {
+            h.spawn(async move {
+                let _ = raft.shutdown().await;
+            });
+        }
+    }
+}
+
+/// The plugin.
+pub struct ConsensusPlugin {
+    inner: Arc<Inner>,
+}
+
+/// Why the leader path could not serve a request here.
+enum Route {
+    /// Another node leads (or none is known): try again through it.
+    Forward(Option<u64>),
+    /// A transient failure (no quorum heard yet): try again until the deadline.
+    Retry(RpcError),
+    /// A final answer.
+    Fail(RpcError),
+}
+
+impl From<RpcError> for Route {
+    fn from(e: RpcError) -> Self {
+        Route::Fail(e)
+    }
+}
+
+fn check_key(k: &str) -> Result<(), RpcError> {
+    RpcError::check_key(k, MAX_KEY_BYTES)
+}
+
+fn check_prefix(k: &str, prefix: bool) -> Result<(), RpcError> {
+    if prefix && k.len() <= MAX_KEY_BYTES {
+        return Ok(()); // an empty prefix means every key
+    }
+    check_key(k)
+}
+
+fn check_value(v: &str) -> Result<(), RpcError> {
+    if v.len() > MAX_VALUE_BYTES {
+        return Err(RpcError::refused(format!(
+            "value of {} bytes exceeds the limit of {MAX_VALUE_BYTES}",
+            v.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Refuse bad input at the edge, before anything reaches the log.
+fn validate(req: &ConsensusRequest) -> Result<(), RpcError> {
+    use ConsensusRequest as R;
+    match req {
+        R::Put { key, value, .. } => {
+            check_key(key)?;
+            check_value(value)
+        }
+        R::Get {
+            key, prefix, limit, ..
+        } => {
+            check_prefix(key, *prefix)?;
+            if *limit == 0 || *limit > api::MAX_RANGE {
+                return Err(RpcError::refused(format!(
+                    "limit must be 1..={}",
+                    api::MAX_RANGE
+                )));
+            }
+            Ok(())
+        }
+        R::Delete { key, prefix } => check_prefix(key, *prefix),
+        R::Txn(t) => {
+            let n = t.compares.len() + t.success.len() + t.failure.len();
+            if n > api::MAX_TXN_OPS {
+                return Err(RpcError::refused(format!(
+                    "a transaction may hold at most {} compares and operations",
+                    api::MAX_TXN_OPS
+                )));
+            }
+            if t.success.is_empty() && t.failure.is_empty() {
+                return Err(RpcError::refused(
+                    "a transaction needs at least one operation",
+                ));
+            }
+            let mut bytes = 0;
+            for c in &t.compares {
+                check_key(&c.key)?;
+                bytes += c.key.len();
+                if let state::CompareTarget::Value(v) = &c.target {
+                    check_value(v)?;
+                    bytes += v.len();
+                }
+            }
+            for op in t.success.iter().chain(&t.failure) {
+                match op {
+                    TxnOp::Put { key, value, .. } => {
+                        check_key(key)?;
+                        check_value(value)?;
+                        bytes += key.len() + value.len();
+                    }
+                    TxnOp::Delete { key, prefix } | TxnOp::Get { key, prefix } => {
+                        check_prefix(key, *prefix)?;
+                        bytes += key.len();
+                    }
+                }
+            }
+            if bytes > api::MAX_TXN_BYTES {
+                return Err(RpcError::refused(format!(
+                    "a transaction may carry at most {} bytes of keys and values",
+                    api::MAX_TXN_BYTES
+                )));
+            }
+            Ok(())
+        }
+        R::Watch {
+            key,
+            prefix,
+            wait_ms,
+            limit,
+            ..
+        } => {
+            check_prefix(key, *prefix)?;
+            if *wait_ms > api::MAX_WATCH_WAIT_MS {
+                return Err(RpcError::refused(format!(
+                    "wait_ms is capped at {}",
+                    api::MAX_WATCH_WAIT_MS
+                )));
+            }
+            if *limit == 0 || *limit > api::MAX_WATCH_EVENTS {
+                return Err(RpcError::refused(format!(
+                    "limit must be 1..={}",
+                    api::MAX_WATCH_EVENTS
+                )));
+            }
+            Ok(())
+        }
+        R::LeaseGrant { ttl_ms } => {
+            if !(api::MIN_TTL_MS..=api::MAX_TTL_MS).contains(ttl_ms) {
+                return Err(RpcError::refused(format!(
+                    "lease TTL must be {}..={} ms",
+                    api::MIN_TTL_MS,
+                    api::MAX_TTL_MS
+                )));
+            }
+            Ok(())
+        }
+        R::AddVoter { node } | R::RemoveVoter { node } => check_key(node),
+        _ => Ok(()),
+    }
+}
+
+fn state_name(s: ServerState) -> &'static str {
+    match s {
+        ServerState::Leader => "leader",
+        ServerState::Follower => "follower",
+        ServerState::Candidate => "candidate",
+        ServerState::Learner => "learner",
+        ServerState::Shutdown => "shutdown",
+    }
+}
+
+impl Inner {
+    fn metrics(&self) -> openraft::RaftMetrics<u64, BasicNode> {
+        self.raft.metrics().borrow().clone()
+    }
+
+    /// Name of a Raft member by id, from the membership this node knows.
+    fn name_of(&self, id: u64) -> Option<String> {
+        let m = self.metrics();
+        m.membership_config
+            .membership()
+            .get_node(&id)
+            .map(|n| n.addr.clone())
+            .or_else(|| self.cfg.voters.iter().find(|v| raft_id(v) == id).cloned())
+    }
+
+    fn is_member(&self) -> bool {
+        self.metrics()
+            .membership_config
+            .membership()
+            .get_node(&self.my_id)
+            .is_some()
+    }
+
+    fn deadline(&self) -> Instant {
+        Instant::now() + self.ctx.rpc.default_timeout()
+    }
+
+    async fn status(&self) -> RaftStatus {
+        let m = self.metrics();
+        let committed = self
+            .raft
+            .with_raft_state(|st| st.committed.map(|l| l.index))
+            .await
+            .ok()
+            .flatten();
+        let mem = m.membership_config.membership();
+        let name = |id: u64| {
+            mem.get_node(&id)
+                .map(|n| n.addr.clone())
+                .unwrap_or_else(|| format!("#{id}"))
+        };
+        let (revision, keys, leases) = self.sm.read(|s| {
+            (
+                s.state.revision(),
+                s.state.len() as u64,
+                s.state.leases().len() as u64,
+            )
+        });
+        let wal = self.log.wal_stats();
+        let mut voters: Vec<String> = mem.voter_ids().map(name).collect();
+        voters.sort();
+        let mut learners: Vec<String> = mem.learner_ids().map(name).collect();
+        learners.sort();
+        RaftStatus {
+            node: self.me.clone(),
+            state: state_name(m.state).into(),
+            leader: m.current_leader.map(name),
+            term: m.current_term,
+            last_log_index: m.last_log_index,
+            committed,
+            applied: m.last_applied.map(|l| l.index),
+            snapshot: m.snapshot.map(|l| l.index),
+            purged: m.purged.map(|l| l.index),
+            voters,
+            learners,
+            revision,
+            keys,
+            leases,
+            wal_first_lsn: wal.first_lsn,
+            wal_last_lsn: wal.last_lsn,
+            wal_checkpoint_lsn: wal.checkpoint_lsn,
+        }
+    }
+
+    /// Propose a command and wait for it to be committed and applied.
+    async fn write(&self, cmd: Command) -> Result<CmdResult, Route> {
+        let budget = self.ctx.rpc.default_timeout();
+        match tokio::time::timeout(budget, self.raft.client_write(cmd)).await {
+            Err(_) => Err(Route::Fail(RpcError::Timeout(budget.as_millis() as u64))),
+            Ok(Ok(r)) => match r.data {
+                CmdResult::Refused(m) => Err(Route::Fail(RpcError::Refused(m))),
+                d => Ok(d),
+            },
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
+                Err(Route::Forward(f.leader_id))
+            }
+            Ok(Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e)))) => {
+                Err(Route::Fail(RpcError::refused(e.to_string())))
+            }
+            Ok(Err(RaftError::Fatal(e))) => Err(Route::Fail(RpcError::Internal(format!(
+                "raft stopped: {e}"
+            )))),
+        }
+    }
+
+    /// Confirm leadership with a quorum (read index) and wait until it is applied here.
+    async fn linearize(&self) -> Result<(), Route> {
+        let budget = self.ctx.rpc.default_timeout();
+        match tokio::time::timeout(budget, self.raft.ensure_linearizable()).await {
+            Err(_) => Err(Route::Fail(RpcError::Timeout(budget.as_millis() as u64))),
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)))) => {
+                Err(Route::Forward(f.leader_id))
+            }
+            Ok(Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(e)))) => {
+                Err(Route::Retry(RpcError::Unreachable(format!(
+                    "leader cannot reach a quorum: {e}"
+                ))))
+            }
+            Ok(Err(RaftError::Fatal(e))) => Err(Route::Fail(RpcError::Internal(format!(
+                "raft stopped: {e}"
+            )))),
+        }
+    }
+
+    fn read_range(&self, key: &str, prefix: bool, limit: u32) -> ConsensusResponse {
+        self.sm.read(|s| {
+            let (kvs, more) = s.state.range(key, prefix, limit as usize);
+            ConsensusResponse::Range {
+                kvs,
+                more,
+                revision: s.state.revision(),
+            }
+        })
+    }
+
+    /// Serve a request as the leader.
+    async fn serve_as_leader(&self, req: &ConsensusRequest) -> Result<ConsensusResponse, Route> {
+        use ConsensusRequest as R;
+        let resp = |r: CmdResult| -> Result<ConsensusResponse, Route> {
+            Ok(match r {
+                CmdResult::Put { revision, prev } => ConsensusResponse::Put { revision, prev },
+                CmdResult::Delete { revision, deleted } => {
+                    ConsensusResponse::Deleted { deleted, revision }
+                }
+                CmdResult::Txn {
+                    revision,
+                    succeeded,
+                    results,
+                } => ConsensusResponse::Txn {
+                    succeeded,
+                    revision,
+                    results,
+                },
+                CmdResult::LeaseGranted { id, ttl_ms, .. } => {
+                    ConsensusResponse::LeaseGranted { id, ttl_ms }
+                }
+                CmdResult::LeaseRevoked {
+                    revision,
+                    ids,
+                    deleted,
+                } => ConsensusResponse::LeaseRevoked {
+                    id: ids.first().copied().unwrap_or(0),
+                    deleted,
+                    revision,
+                },
+                other => {
+                    return Err(Route::Fail(RpcError::Internal(format!(
+                        "unexpected state-machine result {other:?}"
+                    ))))
+                }
+            })
+        };
+        match req {
+            R::Put { key, value, lease } => resp(
+                self.write(Command::Put {
+                    key: key.clone(),
+                    value: value.clone(),
+                    lease: *lease,
+                })
+                .await?,
+            ),
+            R::Delete { key, prefix } => resp(
+                self.write(Command::Delete {
+                    key: key.clone(),
+                    prefix: *prefix,
+                })
+                .await?,
+            ),
+            R::Txn(t) => resp(self.write(Command::Txn(t.clone())).await?),
+            R::LeaseGrant { ttl_ms } => {
+                let r = resp(self.write(Command::LeaseGrant { ttl_ms: *ttl_ms }).await?)?;
+                if let ConsensusResponse::LeaseGranted { id, ttl_ms } = &r {
+                    self.leases
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .keep_alive(*id, *ttl_ms, Instant::now());
+                }
+                Ok(r)
+            }
+            R::LeaseRevoke { id } => resp(self.write(Command::LeaseRevoke { id: *id }).await?),
+            R::LeaseKeepAlive { id } => {
+                self.linearize().await?;
+                let ttl = self
+                    .sm
+                    .read(|s| s.state.leases().get(id).map(|l| l.ttl_ms))
+                    .ok_or_else(|| RpcError::refused(format!("lease {id} not found")))?;
+                self.leases
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .keep_alive(*id, ttl, Instant::now());
+                Ok(ConsensusResponse::LeaseKept {
+                    id: *id,
+                    ttl_ms: ttl,
+                })
+            }
+            R::Get {
+                key, prefix, limit, ..
+            } => {
+                self.linearize().await?;
+                Ok(self.read_range(key, *prefix, *limit))
+            }
+            R::AddVoter { node } => {
+                if !self.ctx.config.nodes.contains_key(node) {
+                    return Err(RpcError::refused(format!(
+                        "`{node}` is not a node of the cluster"
+                    ))
+                    .into());
+                }
+                let id = raft_id(node);
+                let map = |e: RaftError<u64, ClientWriteError<u64, BasicNode>>| match e {
+                    RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => {
+                        Route::Forward(f.leader_id)
+                    }
+                    other => Route::Fail(RpcError::refused(other.to_string())),
+                };
+                self.raft
+                    .add_learner(id, BasicNode::new(node), true)
+                    .await
+                    .map_err(map)?;
+                self.raft
+                    .change_membership(ChangeMembers::AddVoterIds([id].into()), false)
+                    .await
+                    .map_err(map)?;
+                Ok(self.membership_resp())
+            }
+            R::RemoveVoter { node } => {
+                let id = raft_id(node);
+                let m = self.metrics();
+                let voters: BTreeSet<u64> = m.membership_config.membership().voter_ids().collect();
+                if !voters.contains(&id) {
+                    return Err(RpcError::refused(format!("`{node}` is not a voter")).into());
+                }
+                if voters.len() == 1 {
+                    return Err(RpcError::refused("cannot remove the last voter").into());
+                }
+                self.raft
+                    .change_membership(ChangeMembers::RemoveVoters([id].into()), false)
+                    .await
+                    .map_err(|e| match e {
+                        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => {
+                            Route::Forward(f.leader_id)
+                        }
+                        other => Route::Fail(RpcError::refused(other.to_string())),
+                    })?;
+                Ok(self.membership_resp())
+            }
+            _ => Err(RpcError::Internal("not a leader request".into()).into()),
+        }
+    }
+
+    fn membership_resp(&self) -> ConsensusResponse {
+        let m = self.metrics();
+        let mem = m.membership_config.membership();
+        let name = |id: u64| {
+            mem.get_node(&id)
+                .map(|n| n.addr.clone())
+                .unwrap_or_else(|| format!("#{id}"))
+        };
+        let mut voters: Vec<String> = mem.voter_ids().map(name).collect();
+        voters.sort();
+        let mut learners: Vec<String> = mem.learner_ids().map(name).collect();
+        learners.sort();
+        ConsensusResponse::Membership { voters, learners }
+    }
+
+    async fn forward(
+        &self,
+        node: &str,
+        req: &ConsensusRequest,
+        hops: u8,
+    ) -> Result<ConsensusResponse, RpcError> {
+        if hops >= MAX_HOPS {
+            return Err(RpcError::Unreachable(
+                "no stable leader: the request was forwarded too many times".into(),
+            ));
+        }
+        self.ctx
+            .rpc
+            .call::<ConsensusApi>(
+                node,
+                &ConsensusRequest::Forwarded {
+                    hops: hops + 1,
+                    req: Box::new(req.clone()),
+                },
+            )
+            .await
+    }
+
+    /// A node not in the Raft membership knows no leader: hand the request to a voter.
+    async fn forward_to_voters(
+        &self,
+        req: &ConsensusRequest,
+        hops: u8,
+    ) -> Result<ConsensusResponse, RpcError> {
+        let view = self.ctx.membership.view();
+        let mut last = RpcError::Unreachable("no voter is alive".into());
+        for v in &self.cfg.voters {
+            if *v == self.me
+                || view.members.get(v).map(|m| m.state != MemberState::Alive) != Some(false)
+            {
+                continue;
+            }
+            match self.forward(v, req, hops).await {
+                Err(e @ (RpcError::Unreachable(_) | RpcError::PluginUnavailable(_))) => last = e,
+                r => return r,
+            }
+        }
+        Err(last)
+    }
+
+    /// Route a request that needs the leader: serve it here if this node leads, else forward
+    /// it to the leader, waiting (boundedly) for one to be elected.
+    async fn via_leader(
+        &self,
+        req: &ConsensusRequest,
+        hops: u8,
+    ) -> Result<ConsensusResponse, RpcError> {
+        let end = self.deadline();
+        let mut rx = self.raft.metrics();
+        let mut hint: Option<u64> = None;
+        let mut last: Option<RpcError> = None;
+        loop {
+            let m = rx.borrow_and_update().clone();
+            let leader = hint.take().or(m.current_leader);
+            match leader {
+                Some(l) if l == self.my_id => match self.serve_as_leader(req).await {
+                    Ok(r) => return Ok(r),
+                    Err(Route::Fail(e)) => return Err(e),
+                    Err(Route::Retry(e)) => last = Some(e),
+                    Err(Route::Forward(h)) => {
+                        hint = h.filter(|h| *h != self.my_id);
+                        if hint.is_some() {
+                            continue;
+                        }
+                    }
+                },
+                Some(l) => {
+                    let Some(name) = self.name_of(l) else {
+                        return Err(RpcError::Internal(format!("leader #{l} has no known name")));
+                    };
+                    // A leader that gossip already knows is dead is stale: wait for the next
+                    // one rather than send a request into the void.
+                    let dead = self
+                        .ctx
+                        .membership
+                        .view()
+                        .members
+                        .get(&name)
+                        .map(|m| m.state != MemberState::Alive)
+                        .unwrap_or(true);
+                    if !dead {
+                        return self.forward(&name, req, hops).await;
+                    }
+                }
+                None if !self.is_member() => return self.forward_to_voters(req, hops).await,
+                None => {}
+            }
+            let now = Instant::now();
+            if now >= end {
+                return Err(last.unwrap_or_else(|| {
+                    RpcError::Unreachable(
+                        "no leader elected within the deadline (is a majority of voters up?)"
+                            .into(),
+                    )
+                }));
+            }
+            let wait = (end - now).min(Duration::from_millis(200));
+            let _ = tokio::time::timeout(wait, rx.changed()).await;
+        }
+    }
+
+    async fn watch(
+        &self,
+        key: &str,
+        prefix: bool,
+        mut from: u64,
+        wait_ms: u64,
+        limit: u32,
+    ) -> Result<ConsensusResponse, RpcError> {
+        let end = Instant::now() + Duration::from_millis(wait_ms);
+        let mut rx = self.sm.subscribe();
+        loop {
+            rx.borrow_and_update();
+            let batch = self
+                .sm
+                .read(|s| s.state.watch(key, prefix, from, limit as usize))
+                .map_err(|e| RpcError::refused(e.to_string()))?;
+            let now = Instant::now();
+            if !batch.events.is_empty() || now >= end {
+                return Ok(ConsensusResponse::Events {
+                    events: batch.events,
+                    next_revision: batch.next_revision,
+                });
+            }
+            from = batch.next_revision;
+            let _ = tokio::time::timeout(end - now, rx.changed()).await;
+        }
+    }
+
+    async fn client(&self, req: ConsensusRequest, hops: u8) -> Result<ConsensusResponse, RpcError> {
+        validate(&req)?;
+        match &req {
+            // A node outside the Raft group has no view of it: a voter answers instead (the
+            // status names the node that answered).
+            ConsensusRequest::Status if !self.is_member() && hops == 0 => {
+                match self.forward_to_voters(&req, hops).await {
+                    Ok(r) => Ok(r),
+                    Err(_) => Ok(ConsensusResponse::Status(self.status().await)),
+                }
+            }
+            ConsensusRequest::Status => Ok(ConsensusResponse::Status(self.status().await)),
+            ConsensusRequest::Get {
+                key,
+                prefix,
+                serializable: true,
+                limit,
+            } if self.is_member() => Ok(self.read_range(key, *prefix, *limit)),
+            ConsensusRequest::Watch {
+                key,
+                prefix,
+                from_revision,
+                wait_ms,
+                limit,
+            } if self.is_member() => {
+                self.watch(key, *prefix, *from_revision, *wait_ms, *limit)
+                    .await
+            }
+            ConsensusRequest::Get {
+                serializable: true, ..
+            }
+            | ConsensusRequest::Watch { .. } => self.forward_to_voters(&req, hops).await,
+            _ => self.via_leader(&req, hops).await,
+        }
+    }
+}
+
+/// Start the Raft group once: the lowest-named voter initializes it when a majority of the
+/// voters is alive and none of them has a log or a vote yet. Idempotent: an initialized
+/// node (e.g. after a restart) never initializes again.
+async fn initializer(weak: Weak<Inner>) {
+    loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let Some(inner) = weak.upgrade() else { return };
+        match inner.raft.is_initialized().await {
+            Ok(true) | Err(_) => return,
+            Ok(false) => {}
+        }
+        let view = inner.ctx.membership.view();
+        let alive: Vec<&String> = inner
+            .cfg
+            .voters
+            .iter()
+            .filter(|v| {
+                **v == inner.me
+                    || view.members.get(*v).map(|m| m.state == MemberState::Alive) == Some(true)
+            })
+            .collect();
+        if alive.len() * 2 <= inner.cfg.voters.len() {
+            continue;
+        }
+        // Does any alive voter already have Raft state? Then a cluster exists: do nothing.
+        let mut existing = false;
+        for v in alive.iter().filter(|v| ***v != inner.me) {
+            let r = inner
+                .ctx
+                .rpc
+                .call_with_timeout::<ConsensusApi>(
+                    v,
+                    &ConsensusRequest::Status,
+                    Duration::from_secs(2),
+                )
+                .await;
+            if let Ok(ConsensusResponse::Status(s)) = r {
+                if s.term > 0 || s.last_log_index.is_some() {
+                    existing = true;
+                }
+            }
+        }
+        if existing {
+            tracing::info!("consensus: a voter already has Raft state; not initializing");
+            return;
+        }
+        let members: BTreeMap<u64, BasicNode> = inner
+            .cfg
+            .voters
+            .iter()
+            .map(|v| (raft_id(v), BasicNode::new(v)))
+            .collect();
+        match inner.raft.initialize(members).await {
+            Ok(()) => {
+                tracing::info!(voters = ?inner.cfg.voters, "consensus: cluster initialized");
+                return;
+            }
+            Err(RaftError::APIError(e)) => {
+                tracing::info!("consensus: initialize refused ({e}); already initialized");
+                return;
+            }
+            Err(e) => tracing::warn!("consensus: initialize failed: {e}"),
+        }
+    }
+}
+
+/// The leader's lease clock: propose the expiry of leases whose TTL ran out.
+async fn lease_loop(weak: Weak<Inner>) {
+    let mut tick = tokio::time::interval(LEASE_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(inner) = weak.upgrade() else { return };
+        let m = inner.metrics();
+        if m.state != ServerState::Leader || m.current_leader != Some(inner.my_id) {
+            inner
+                .leases
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clear();
+            continue;
+        }
+        let leases: BTreeMap<u64, u64> = inner.sm.read(|s| {
+            s.state
+                .leases()
+                .iter()
+                .map(|(id, l)| (*id, l.ttl_ms))
+                .collect()
+        });
+        let now = Instant::now();
+        let expired = {
+            let mut t = inner.leases.lock().unwrap_or_else(|p| p.into_inner());
+            t.sync(m.current_term, now, &leases);
+            t.expired(now)
+        };
+        if expired.is_empty() {
+            continue;
+        }
+        tracing::debug!(?expired, "consensus: leases expired");
+        if let Err(Route::Fail(e)) = inner.write(Command::LeaseExpire { ids: expired }).await {
+            tracing::warn!("consensus: proposing lease expiry failed: {e}");
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Plugin for ConsensusPlugin {
+    type Api = ConsensusApi;
+
+    async fn start(ctx: PluginContext) -> Result<Self, String> {
+        let nodes: Vec<String> = ctx.config.nodes.keys().cloned().collect();
+        let cfg = ctx
+            .plugin_config::<ConsensusConfig>("consensus")
+            .map_err(|e| e.to_string())?
+            .with_defaults(&nodes)?;
+        let me = ctx.node_id.clone();
+        let my_id = raft_id(&me);
+        let (log, recovery) = LogStore::open(ctx.data_dir.join("log")).await?;
+        let sm = SmStore::open(ctx.data_dir.join("sm"), cfg.history)?;
+        let rcfg = openraft::Config {
+            cluster_name: ctx.config.cluster.name.clone(),
+            heartbeat_interval: cfg.heartbeat_ms,
+            election_timeout_min: cfg.election_min_ms,
+            election_timeout_max: cfg.election_max_ms,
+            install_snapshot_timeout: 5000,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(cfg.snapshot_every),
+            max_in_snapshot_log_to_keep: cfg.keep_logs,
+            snapshot_max_chunk_size: 4 << 20,
+            ..Default::default()
+        }
+        .validate()
+        .map_err(|e| format!("plugins.consensus: {e}"))?;
+        let raft = Raft::new(
+            my_id,
+            Arc::new(rcfg),
+            Network {
+                rpc: ctx.rpc.clone(),
+            },
+            log.clone(),
+            sm.clone(),
+        )
+        .await
+        .map_err(|e| format!("starting raft: {e}"))?;
+        tracing::info!(node = %me, ?recovery, "consensus: started");
+        let inner = Arc::new(Inner {
+            ctx,
+            me,
+            my_id,
+            cfg,
+            raft,
+            log,
+            sm,
+            leases: Mutex::new(LeaseTimer::default()),
+            recovery,
+        });
+        if inner.cfg.voters.iter().min() == Some(&inner.me) {
+            tokio::spawn(initializer(Arc::downgrade(&inner)));
+        }
+        tokio::spawn(lease_loop(Arc::downgrade(&inner)));
+        Ok(ConsensusPlugin { inner })
+    }
+
+    async fn handle(
+        &self,
+        caller: Caller,
+        req: ConsensusRequest,
+    ) -> Result<ConsensusResponse, RpcError> {
+        let i = &self.inner;
+        let from_node = matches!(caller, Caller::Node(_));
+        match req {
+            ConsensusRequest::AppendEntries(r) if from_node => Ok(
+                ConsensusResponse::AppendEntries(i.raft.append_entries(r).await),
+            ),
+            ConsensusRequest::Vote(r) if from_node => {
+                Ok(ConsensusResponse::Vote(i.raft.vote(r).await))
+            }
+            ConsensusRequest::InstallSnapshot(r) if from_node => Ok(
+                ConsensusResponse::InstallSnapshot(i.raft.install_snapshot(r).await),
+            ),
+            ConsensusRequest::Forwarded { hops, req } if from_node => {
+                if matches!(*req, ConsensusRequest::Forwarded { .. }) || hops > MAX_HOPS {
+                    return Err(RpcError::refused("malformed forwarded request"));
+                }
+                i.client(*req, hops).await
+            }
+            ConsensusRequest::AppendEntries(_)
+            | ConsensusRequest::Vote(_)
+            | ConsensusRequest::InstallSnapshot(_)
+            | ConsensusRequest::Forwarded { .. } => Err(RpcError::refused(
+                "Raft messages are accepted from cluster nodes only",
+            )),
+            req => i.client(req, 0).await,
+        }
+    }
+}
+
+impl ConsensusPlugin {
+    /// What the log replay found at start.
+    pub fn recovery(&self) -> &LogRecovery {
+        &self.inner.recovery
+    }
+}
