@@ -14,5 +14,6 @@ pub fn plugins() -> Vec<PluginFactory> {
         plugin_factory::<dsys_plugin_wal::WalPlugin>(),
         plugin_factory::<dsys_plugin_kv::KvPlugin>(),
         plugin_factory::<dsys_plugin_cache::CachePlugin>(),
+        plugin_factory::<dsys_plugin_consensus::ConsensusPlugin>(),
     ]
 }

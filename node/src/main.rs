@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use dsys_plugin_cache::{CacheApi, CacheCommand};
+use dsys_plugin_consensus::{ConsensusApi, ConsensusRequest, ConsensusResponse, RaftCommand};
 use dsys_plugin_kv::{KvApi, KvCommand};
 use dsys_plugin_ratelimit::{RatelimitApi, RatelimitCommand};
 use dsys_plugin_ring::{RingApi, RingCommand};
@@ -66,6 +67,9 @@ enum Cmd {
     /// Distributed cache speaking RESP (design 30).
     #[command(subcommand)]
     Cache(CacheCommand),
+    /// Raft consensus with an etcd-like store: keys with revisions, leases, watches, txn (design 27).
+    #[command(subcommand)]
+    Raft(RaftCommand),
     /// Inject faults into the transport and gossip of every node.
     #[command(subcommand)]
     Chaos(ChaosCmd),
@@ -278,6 +282,10 @@ async fn run(cli: Cli) -> Result<u8, Fail> {
         Cmd::Kv(c) => call::<KvApi>(&cli, c.request()).await,
         Cmd::Wal(c) => call::<WalApi>(&cli, c.request()).await,
         Cmd::Cache(c) => call::<CacheApi>(&cli, c.request()).await,
+        Cmd::Raft(c) => match c.watch_args() {
+            Some((key, prefix, from)) => raft_watch(&cli, key, prefix, from).await,
+            None => call::<ConsensusApi>(&cli, c.request().map_err(usage)?).await,
+        },
         Cmd::Bench(BenchCmd::Wal { duration, dir }) => {
             let scratch = tempfile::Builder::new()
                 .prefix("wal-bench-")
@@ -443,6 +451,45 @@ where
         println!("{}", resp.human().trim_end());
     }
     Ok(resp.exit_code() as u8)
+}
+
+/// `dsys raft watch`: long-poll for events from a revision on, printing each, until Ctrl-C.
+async fn raft_watch(cli: &Cli, key: String, prefix: bool, mut from: u64) -> Result<u8, Fail> {
+    let client = client(cli)?;
+    // Each poll waits at most this long for an event; the client's deadline must exceed it.
+    let wait_ms = cli
+        .timeout
+        .as_millis()
+        .saturating_sub(1000)
+        .clamp(100, 30_000) as u64;
+    loop {
+        let req = ConsensusRequest::Watch {
+            key: key.clone(),
+            prefix,
+            from_revision: from,
+            wait_ms,
+            limit: 1000,
+        };
+        let resp = tokio::select! {
+            r = client.call::<ConsensusApi>(&req) => r?,
+            _ = tokio::signal::ctrl_c() => return Ok(0),
+        };
+        let ConsensusResponse::Events {
+            events,
+            next_revision,
+        } = resp
+        else {
+            return Err(Fail(1, "unexpected answer to watch".into()));
+        };
+        for e in &events {
+            if cli.json {
+                println!("{}", serde_json::to_string(e).unwrap_or_default());
+            } else {
+                println!("{}", dsys_plugin_consensus::event_line(e));
+            }
+        }
+        from = next_revision;
+    }
 }
 
 fn endpoints(cli: &Cli) -> Result<Vec<SocketAddr>, Fail> {
