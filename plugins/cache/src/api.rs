@@ -22,6 +22,9 @@ pub struct ReplItem {
     pub value: Option<Vec<u8>>,
     /// Absolute expiry.
     pub expire_at: Option<u64>,
+    /// A hand-off after a membership change: applied only when the receiver does not hold
+    /// the key, so it never overwrites a newer write.
+    pub if_absent: bool,
 }
 
 /// Requests. The first five are for clients (any node answers); the rest are between nodes.

@@ -24,7 +24,7 @@ mod resp;
 mod store;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::atomic::{AtomicU16, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -155,6 +155,10 @@ struct Inner {
     repl_tx: Mutex<HashMap<String, ReplQueue>>,
     repl_dropped: Arc<AtomicU64>,
     forward_tx: Mutex<HashMap<String, mpsc::UnboundedSender<Job>>>,
+    /// The ring the last hand-off was computed for, and whether one is running.
+    handoff_ring: Mutex<Option<Arc<Ring>>>,
+    handing_off: AtomicBool,
+    handed_off: AtomicU64,
     loads: AtomicU64,
 }
 
@@ -296,6 +300,7 @@ impl Inner {
                     key: key.to_vec(),
                     value: None,
                     expire_at: None,
+                    if_absent: false,
                 }],
             );
         }
@@ -332,6 +337,7 @@ impl Inner {
                         key: key.to_vec(),
                         value: Some(value.clone()),
                         expire_at,
+                        if_absent: false,
                     }],
                 );
             }
@@ -368,6 +374,7 @@ impl Inner {
                             key: key.clone(),
                             value,
                             expire_at,
+                            if_absent: false,
                         });
                     }
                 }
@@ -410,18 +417,116 @@ impl Inner {
         }
         let mut queues = self.repl_tx.lock().unwrap_or_else(|p| p.into_inner());
         for (target, batch) in per_target {
-            let q = queues.entry(target.clone()).or_insert_with(|| {
-                spawn_replicator(self.ctx.rpc.clone(), target, self.repl_dropped.clone())
-            });
-            let n = batch.len();
-            if q.queued.load(Ordering::Relaxed) + n > REPL_QUEUE {
-                self.repl_dropped.fetch_add(n as u64, Ordering::Relaxed);
-                continue;
+            self.enqueue(&mut queues, target, batch);
+        }
+    }
+
+    /// Put a batch on `target`'s replication queue (started on first use); count it as
+    /// dropped when the queue is full.
+    fn enqueue(
+        &self,
+        queues: &mut HashMap<String, ReplQueue>,
+        target: String,
+        batch: Vec<ReplItem>,
+    ) {
+        let q = queues.entry(target.clone()).or_insert_with(|| {
+            spawn_replicator(self.ctx.rpc.clone(), target, self.repl_dropped.clone())
+        });
+        let n = batch.len();
+        if q.queued.load(Ordering::Relaxed) + n > REPL_QUEUE {
+            self.repl_dropped.fetch_add(n as u64, Ordering::Relaxed);
+            return;
+        }
+        q.queued.fetch_add(n, Ordering::Relaxed);
+        if q.tx.send(batch).is_err() {
+            q.queued.fetch_sub(n, Ordering::Relaxed);
+            self.repl_dropped.fetch_add(n as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// Items waiting in the replication queues.
+    fn repl_backlog(&self) -> usize {
+        let queues = self.repl_tx.lock().unwrap_or_else(|p| p.into_inner());
+        queues
+            .values()
+            .map(|q| q.queued.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// Start a hand-off if the ring changed since the last one (and none is running).
+    fn maybe_hand_off(self: &Arc<Self>) {
+        let ring = self.ctx.ring();
+        let old = {
+            let mut last = self.handoff_ring.lock().unwrap_or_else(|p| p.into_inner());
+            match last.as_ref() {
+                Some(l) if l.nodes() == ring.nodes() => return,
+                _ => {}
             }
-            q.queued.fetch_add(n, Ordering::Relaxed);
-            if q.tx.send(batch).is_err() {
-                q.queued.fetch_sub(n, Ordering::Relaxed);
-                self.repl_dropped.fetch_add(n as u64, Ordering::Relaxed);
+            if self.handing_off.swap(true, Ordering::AcqRel) {
+                return;
+            }
+            last.replace(ring.clone())
+        };
+        let this = self.clone();
+        tokio::spawn(async move {
+            if let Some(old) = old {
+                this.hand_off(&old, &ring).await;
+            }
+            this.handing_off.store(false, Ordering::Release);
+        });
+    }
+
+    /// Membership changed from `old` to `new`: send every key held here to the nodes that
+    /// hold it under `new` but did not under `old` (a new primary or replica), so each key
+    /// again has two copies; drop the keys this node no longer holds. The copies go through
+    /// the replication queues (so they stay ordered with later writes) as `if_absent`
+    /// items, which never overwrite a newer value. Runs in chunks, releasing the store
+    /// between them, and waits for the queues to drain rather than dropping items.
+    async fn hand_off(&self, old: &Ring, new: &Ring) {
+        let me = self.me();
+        let keys = self.lock().keys();
+        for chunk in keys.chunks(512) {
+            while self.repl_backlog() > REPL_QUEUE / 2 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            let now = wall_ms();
+            let mut per_target: Vec<(String, Vec<ReplItem>)> = Vec::new();
+            {
+                let mut store = self.lock();
+                for key in chunk {
+                    let now_holders = new.preference_list(key, 2);
+                    let before = old.preference_list(key, 2);
+                    let keep = now_holders.iter().any(|n| n == me);
+                    let gained: Vec<&String> = now_holders
+                        .iter()
+                        .filter(|n| *n != me && !before.contains(n))
+                        .collect();
+                    if !gained.is_empty() {
+                        if let Some((value, expire_at)) = store.peek(key, now) {
+                            for t in gained {
+                                let item = ReplItem {
+                                    key: key.clone(),
+                                    value: Some(value.clone()),
+                                    expire_at,
+                                    if_absent: true,
+                                };
+                                match per_target.iter_mut().find(|(n, _)| n == t) {
+                                    Some((_, v)) => v.push(item),
+                                    None => per_target.push((t.clone(), vec![item])),
+                                }
+                            }
+                        }
+                    }
+                    if !keep {
+                        store.del(key, now);
+                    }
+                }
+            }
+            let n: usize = per_target.iter().map(|(_, v)| v.len()).sum();
+            self.handed_off.fetch_add(n as u64, Ordering::Relaxed);
+            let mut queues = self.repl_tx.lock().unwrap_or_else(|p| p.into_inner());
+            for (target, batch) in per_target {
+                self.enqueue(&mut queues, target, batch);
             }
         }
     }
@@ -431,6 +536,9 @@ impl Inner {
         let mut store = self.lock();
         let mut n = 0;
         for it in items {
+            if it.if_absent && store.exists(&it.key, now) {
+                continue;
+            }
             match it.value {
                 Some(v) => {
                     if store.put(&it.key, v, it.expire_at, now).is_ok() {
@@ -1069,6 +1177,9 @@ impl Plugin for CachePlugin {
             repl_tx: Mutex::new(HashMap::new()),
             repl_dropped: Arc::new(AtomicU64::new(0)),
             forward_tx: Mutex::new(HashMap::new()),
+            handoff_ring: Mutex::new(None),
+            handing_off: AtomicBool::new(false),
+            handed_off: AtomicU64::new(0),
             loads: AtomicU64::new(0),
         });
         let (stop_tx, stop_rx) = watch::channel(());
@@ -1087,6 +1198,7 @@ impl Plugin for CachePlugin {
                     }
                 }
                 inner.publish_metrics();
+                inner.maybe_hand_off();
             }
         }));
         Ok(CachePlugin {

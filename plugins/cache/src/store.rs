@@ -614,6 +614,11 @@ impl Store {
         removed
     }
 
+    /// Every held key (a snapshot).
+    pub fn keys(&self) -> Vec<Vec<u8>> {
+        self.map.keys().cloned().collect()
+    }
+
     /// How many held keys satisfy `pred` (expired ones not yet removed included).
     pub fn count_keys(&self, mut pred: impl FnMut(&[u8]) -> bool) -> usize {
         self.map.keys().filter(|k| pred(k)).count()

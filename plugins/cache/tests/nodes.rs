@@ -471,6 +471,29 @@ async fn scenario() {
             .as_deref(),
         Some("kill")
     );
+
+    // Hand-off: once both survivors see n3 gone, every key again has two copies, which on
+    // two nodes means each holds all of them (DBSIZE counts each key once).
+    let t0 = tokio::time::Instant::now();
+    loop {
+        let gone = [&n1, &n2]
+            .iter()
+            .all(|n| n.membership().ring().nodes().len() == 2);
+        let total: i64 = cmd(&mut c1, &["DBSIZE"]).await;
+        let (k1, k2) = (held(&n1).await, held(&n2).await);
+        if gone && total > 0 && k1 == total as u64 && k2 == total as u64 {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "keys not handed off: DBSIZE {total}, n1 holds {k1}, n2 holds {k2}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for k in &keys {
+        let v: Option<String> = cmd(&mut c2, &["GET", k]).await;
+        assert_eq!(v, Some(format!("val-{k}")));
+    }
     n1.shutdown().await;
     n2.shutdown().await;
 }
