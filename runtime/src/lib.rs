@@ -9,6 +9,7 @@
 mod client;
 mod codec;
 mod config;
+mod dashboard;
 mod faults;
 mod gateway;
 mod membership;
@@ -20,16 +21,18 @@ mod ring;
 mod rpc;
 pub mod storage;
 mod sys;
+mod timeline;
 mod tls;
 mod transport;
 
 pub use client::{Client, ClientError};
 pub use codec::{decode, encode, CodecError, WIRE_VERSION};
 pub use config::{ClusterConfig, ClusterSection, ConfigError, NodeConfig};
+pub use dashboard::{NodeDashboard, Panel, PanelTable, MAX_PANEL_ROWS};
 pub use faults::{FaultCommand, FaultRules, Faults};
 pub use membership::{ClusterEvent, ClusterView, Member, MemberState, MembershipHandle};
 pub use merkle::MerkleTree;
-pub use metrics::{Histogram, Metrics};
+pub use metrics::{Histogram, Metrics, RateMeter};
 pub use node::{Node, NodeOptions};
 pub use plugin::{
     plugin_factory, Api, LocalClient, Plugin, PluginContext, PluginFactory, PluginHost,
@@ -38,6 +41,7 @@ pub use plugin::{
 pub use ring::{hash_key, Ring, RingStats};
 pub use rpc::{Caller, Rpc, RpcError, RpcRequest};
 pub use sys::{ClusterStatus, MemberStatus, SysApi, SysRequest, SysResponse};
+pub use timeline::{Timeline, TimelineEvent};
 pub use tls::{init_cluster_certs, install_crypto_provider, TlsError, TlsIdentity};
 pub use transport::{read_frame, write_frame, Transport, TransportOptions};
 

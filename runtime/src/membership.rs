@@ -69,7 +69,13 @@ pub struct Member {
     pub restarts: BTreeMap<String, u32>,
     /// Plugins that exceeded their restart intensity and stay down.
     pub failed: Vec<String>,
+    /// Still live for the failure detector, but no new heartbeat has arrived for
+    /// [`SUSPECT_AFTER_BEATS`] gossip intervals: it may be about to be declared dead.
+    pub suspect: bool,
 }
+
+/// Gossip intervals without a new heartbeat after which a live member is shown as suspect.
+pub(crate) const SUSPECT_AFTER_BEATS: u32 = 3;
 
 /// A membership change, as delivered to plugins.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -298,6 +304,7 @@ impl MembershipHandle {
                 verify,
                 prev: BTreeMap::new(),
                 ever_alive: Default::default(),
+                beats: HashMap::new(),
             };
             let mut tick = tokio::time::interval(interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -315,14 +322,15 @@ impl MembershipHandle {
                                 .key_values()
                                 .map(|(k, v)| (k.to_string(), v.to_string()))
                                 .collect();
-                            (id.clone(), live.contains(id), kv)
+                            let beat = u64::from(st.heartbeat());
+                            (id.clone(), live.contains(id), kv, beat)
                         })
                         .collect::<Vec<_>>()
                 };
-                for (id, _, _) in &snapshot {
+                for (id, _, _, _) in &snapshot {
                     faults.learn_gossip_peer(id.gossip_advertise_addr, &id.node_id);
                 }
-                let members = tracker.members(snapshot);
+                let members = tracker.members(snapshot, interval * SUSPECT_AFTER_BEATS);
                 let events = tracker.diff(&members);
                 let changed = view_tx.borrow().members != members;
                 if changed {
@@ -367,26 +375,40 @@ struct Tracker {
     verify: Verifier,
     prev: BTreeMap<String, (u64, MemberState)>,
     ever_alive: std::collections::HashSet<String>,
+    /// Last heartbeat seen per (node, generation), and when it changed.
+    beats: HashMap<(String, u64), (u64, tokio::time::Instant)>,
 }
 
 impl Tracker {
     fn members(
         &mut self,
-        snapshot: Vec<(ChitchatId, bool, HashMap<String, String>)>,
+        snapshot: Vec<(ChitchatId, bool, HashMap<String, String>, u64)>,
+        suspect_after: Duration,
     ) -> BTreeMap<String, Member> {
-        let mut latest: BTreeMap<String, (ChitchatId, bool, HashMap<String, String>)> =
-            BTreeMap::new();
-        for (id, live, kv) in snapshot {
+        type Latest = (ChitchatId, bool, HashMap<String, String>, u64);
+        let mut latest: BTreeMap<String, Latest> = BTreeMap::new();
+        for (id, live, kv, beat) in snapshot {
             let key = id.node_id.to_string();
             match latest.get(&key) {
-                Some((old, _, _)) if old.generation_id >= id.generation_id => {}
+                Some((old, _, _, _)) if old.generation_id >= id.generation_id => {}
                 _ => {
-                    latest.insert(key, (id, live, kv));
+                    latest.insert(key, (id, live, kv, beat));
                 }
             }
         }
+        let now = tokio::time::Instant::now();
+        self.beats
+            .retain(|(n, g), _| latest.get(n).is_some_and(|l| l.0.generation_id == *g));
         let mut out = BTreeMap::new();
-        for (node, (id, live, kv)) in latest {
+        for (node, (id, live, kv, beat)) in latest {
+            let seen = self
+                .beats
+                .entry((node.clone(), id.generation_id))
+                .or_insert((beat, now));
+            if seen.0 != beat {
+                *seen = (beat, now);
+            }
+            let stale = now.duration_since(seen.1) > suspect_after;
             let parse = |k: &str| kv.get(k).and_then(|v| v.parse::<SocketAddr>().ok());
             let rpc_addr = parse(keys::RPC);
             let is_me = node == self.me;
@@ -429,6 +451,7 @@ impl Tracker {
                     plugins: list(keys::PLUGINS),
                     restarts,
                     failed: list(keys::FAILED),
+                    suspect: state == MemberState::Alive && stale && !is_me,
                 },
             );
         }

@@ -174,3 +174,77 @@ mod tests {
         assert!(t.contains("dsys_members{state=\"alive\"} 5"), "{t}");
     }
 }
+
+/// A counter that also tells its recent rate, for dashboard panels. `mark` is one atomic add;
+/// the rate is worked out from samples taken when it is read, over the last
+/// [`RateMeter::WINDOW`].
+#[derive(Debug, Default)]
+pub struct RateMeter {
+    total: AtomicU64,
+    samples: Mutex<std::collections::VecDeque<(std::time::Instant, u64)>>,
+}
+
+impl RateMeter {
+    /// Span the rate is averaged over.
+    pub const WINDOW: std::time::Duration = std::time::Duration::from_secs(5);
+
+    /// Count `n` more.
+    pub fn mark(&self, n: u64) {
+        self.total.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Total so far.
+    pub fn total(&self) -> u64 {
+        self.total.load(Ordering::Relaxed)
+    }
+
+    /// Per second over the window, from the samples taken by earlier calls (`None` until
+    /// one is old enough to measure against).
+    pub fn rate(&self) -> Option<f64> {
+        self.rate_at(std::time::Instant::now())
+    }
+
+    fn rate_at(&self, now: std::time::Instant) -> Option<f64> {
+        let total = self.total();
+        let mut s = self.samples.lock().unwrap_or_else(|p| p.into_inner());
+        while s.len() > 1 && s.get(1).is_some_and(|(t, _)| now - *t >= Self::WINDOW) {
+            s.pop_front();
+        }
+        let rate = s.front().and_then(|(t, v)| {
+            let dt = (now - *t).as_secs_f64();
+            (dt >= 0.2).then(|| total.saturating_sub(*v) as f64 / dt)
+        });
+        if s.back()
+            .is_none_or(|(t, _)| now - *t >= std::time::Duration::from_millis(200))
+        {
+            s.push_back((now, total));
+        }
+        if s.len() > 64 {
+            s.pop_front();
+        }
+        rate
+    }
+}
+
+#[cfg(test)]
+mod rate_tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn rate_is_measured_over_the_window_from_read_time_samples() {
+        let m = RateMeter::default();
+        let t0 = Instant::now();
+        assert_eq!(m.rate_at(t0), None);
+        m.mark(100);
+        assert_eq!(m.rate_at(t0 + Duration::from_millis(100)), None);
+        let r = m.rate_at(t0 + Duration::from_secs(1)).expect("measurable");
+        assert!((r - 100.0).abs() < 1e-6, "{r}");
+        // Quiet for a while: the old samples leave the window and the rate falls to zero.
+        for s in 2..=12 {
+            m.rate_at(t0 + Duration::from_secs(s));
+        }
+        assert_eq!(m.rate_at(t0 + Duration::from_secs(13)), Some(0.0));
+        assert_eq!(m.total(), 100);
+    }
+}

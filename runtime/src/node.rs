@@ -18,6 +18,7 @@ use crate::metrics::Metrics;
 use crate::plugin::{PluginContext, PluginFactory, PluginHost};
 use crate::rpc::{Caller, Handler, Rpc, RpcError, RpcRequest};
 use crate::sys::{SysRequest, SysResponse, SysService};
+use crate::timeline::Timeline;
 use crate::tls::{install_crypto_provider, TlsIdentity};
 use crate::transport::{Transport, TransportOptions};
 
@@ -190,6 +191,8 @@ impl Node {
             membership.clone(),
             Duration::from_millis(cfg.cluster.rpc_timeout_ms),
         );
+        let timeline = Arc::new(Timeline::default());
+        timeline.record("member", &me, format!("started, generation {generation}"));
         let ctx = PluginContext {
             node_id: me.clone(),
             config: cfg.clone(),
@@ -197,6 +200,7 @@ impl Node {
             membership: membership.clone(),
             metrics: metrics.clone(),
             data_dir: ncfg.data_dir.clone(),
+            timeline: timeline.clone(),
         };
         let routes: Vec<axum::Router> = opts
             .plugins
@@ -211,6 +215,8 @@ impl Node {
             membership: membership.clone(),
             faults: faults.clone(),
             host: host.clone(),
+            rpc: rpc.clone(),
+            timeline: timeline.clone(),
         });
         let handler: Arc<dyn Handler> = Arc::new(NodeHandler {
             sys: sys.clone(),
@@ -219,13 +225,27 @@ impl Node {
         rpc.set_local(Arc::downgrade(&handler));
         let forget = {
             let (t, mut events) = (transport.clone(), membership.subscribe());
+            let timeline = timeline.clone();
             tokio::spawn(async move {
                 loop {
                     match events.recv().await {
-                        Ok(
-                            ClusterEvent::Dead(m) | ClusterEvent::Back(m) | ClusterEvent::Left(m),
-                        ) => t.drop_peer(&m.id),
-                        Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                        Ok(ev) => {
+                            let (m, what) = match &ev {
+                                ClusterEvent::Joined(m) => (m, "joined"),
+                                ClusterEvent::Dead(m) => (m, "dead"),
+                                ClusterEvent::Back(m) => (m, "back"),
+                                ClusterEvent::Left(m) => (m, "left"),
+                            };
+                            timeline.record(
+                                "member",
+                                &m.id,
+                                format!("{what} (generation {})", m.generation),
+                            );
+                            if what != "joined" {
+                                t.drop_peer(&m.id);
+                            }
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
                         Err(_) => return,
                     }
                 }

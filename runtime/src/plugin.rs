@@ -9,7 +9,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::marker::PhantomData;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -19,10 +19,12 @@ use tokio::task::JoinHandle;
 
 use crate::codec;
 use crate::config::{ClusterConfig, ConfigError};
+use crate::dashboard::Panel;
 use crate::membership::{keys, ClusterEvent, MembershipHandle};
 use crate::metrics::Metrics;
 use crate::ring::Ring;
 use crate::rpc::{in_scope, Caller, Rpc, RpcError, Scope};
+use crate::timeline::Timeline;
 
 /// Names a plugin and its wire types; implemented by a marker type in the plugin's `api.rs`,
 /// so other plugins can call it without depending on its implementation.
@@ -58,6 +60,12 @@ pub trait Plugin: Sized + Send + Sync + 'static {
     fn routes(_client: LocalClient<Self::Api>) -> Option<axum::Router> {
         None
     }
+
+    /// This plugin's panel on the dashboard: a few figures and tables about its state on
+    /// this node, built from its shared state (cheap, no I/O; asked about twice a second).
+    fn panel(&self) -> Option<Panel> {
+        None
+    }
 }
 
 /// What a plugin gets from the runtime.
@@ -75,6 +83,8 @@ pub struct PluginContext {
     pub metrics: Arc<Metrics>,
     /// This plugin's data folder (`<node data_dir>/<plugin>`), not created until used.
     pub data_dir: PathBuf,
+    /// The node's timeline of events, shown on the dashboard; plugins may add their own.
+    pub timeline: Arc<Timeline>,
 }
 
 impl PluginContext {
@@ -120,6 +130,7 @@ impl<A: Api> LocalClient<A> {
 trait Instance: Send + Sync {
     async fn handle(&self, caller: Caller, body: &[u8]) -> Result<Vec<u8>, RpcError>;
     async fn on_event(&self, ev: ClusterEvent);
+    fn panel(&self) -> Option<Panel>;
 }
 
 #[async_trait::async_trait]
@@ -131,6 +142,9 @@ impl<P: Plugin> Instance for P {
     }
     async fn on_event(&self, ev: ClusterEvent) {
         self.on_cluster_event(ev).await
+    }
+    fn panel(&self) -> Option<Panel> {
+        Plugin::panel(self)
     }
 }
 
@@ -243,6 +257,10 @@ struct HostShared {
     slots: HashMap<&'static str, Arc<Slot>>,
     ctx: PluginContext,
     stopping: AtomicBool,
+    /// Requests served by any plugin (local and remote callers), and those that failed
+    /// (refusals of bad input are not failures).
+    requests: AtomicU64,
+    errors: AtomicU64,
 }
 
 /// Restart policy.
@@ -292,6 +310,8 @@ impl PluginHost {
             slots,
             ctx,
             stopping: AtomicBool::new(false),
+            requests: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
         });
         let (supervisor, task) = Actor::spawn(None, Supervisor, shared.clone())
             .await
@@ -339,8 +359,56 @@ impl PluginHost {
         false
     }
 
+    /// Panels of the running plugins, by plugin name.
+    pub fn panels(&self) -> Vec<Panel> {
+        let mut v: Vec<Panel> = self
+            .shared
+            .slots
+            .iter()
+            .filter_map(|(name, s)| {
+                let mut p = s.instance()?.panel()?;
+                p.plugin = name.to_string();
+                Some(p)
+            })
+            .collect();
+        v.sort_by(|a, b| a.plugin.cmp(&b.plugin));
+        v
+    }
+
+    /// (requests served, requests failed) by this node's plugins since it started.
+    pub fn request_counts(&self) -> (u64, u64) {
+        (
+            self.shared.requests.load(Ordering::Relaxed),
+            self.shared.errors.load(Ordering::Relaxed),
+        )
+    }
+
     /// Serve one request for plugin `plugin`.
     pub(crate) async fn dispatch(
+        &self,
+        caller: Caller,
+        plugin: &str,
+        body: Vec<u8>,
+    ) -> Result<Vec<u8>, RpcError> {
+        let r = self.dispatch_inner(caller, plugin, body).await;
+        let outcome = match &r {
+            Ok(_) => "ok",
+            Err(RpcError::Refused(_)) => "refused",
+            Err(_) => "error",
+        };
+        self.shared.requests.fetch_add(1, Ordering::Relaxed);
+        if outcome == "error" {
+            self.shared.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        self.shared.ctx.metrics.add(
+            "dsys_plugin_requests_total",
+            &[("plugin", plugin), ("outcome", outcome)],
+            1,
+        );
+        r
+    }
+
+    async fn dispatch_inner(
         &self,
         caller: Caller,
         plugin: &str,
@@ -471,13 +539,25 @@ impl Supervisor {
         {
             h.pop_front();
         }
+        let timeline = &state.shared.ctx.timeline;
+        let me = &state.shared.ctx.node_id;
         if h.len() > MAX_RESTARTS {
             let n = slot.count_crash(PluginStatus::Failed);
+            timeline.record(
+                "plugin",
+                me,
+                format!("{name} failed after {n} restarts: {why}"),
+            );
             tracing::error!(plugin = name, restarts = n, %why, "plugin exceeded its restart intensity; marked failed");
         } else {
             let n = slot.count_crash(PluginStatus::Restarting);
             let backoff =
                 (BACKOFF_BASE * 2u32.pow(h.len().saturating_sub(1) as u32)).min(BACKOFF_MAX);
+            timeline.record(
+                "plugin",
+                me,
+                format!("{name} crashed (restart {n} in {backoff:?}): {why}"),
+            );
             tracing::warn!(plugin = name, restarts = n, %why, ?backoff, "plugin crashed; restarting");
             myself.send_after(backoff, move || SupMsg::Start(name));
         }
@@ -535,6 +615,11 @@ impl Actor for Supervisor {
                 state.by_actor.insert(actor.get_id(), name);
                 *slot.actor.lock().unwrap_or_else(|p| p.into_inner()) = Some(actor);
                 slot.set_status(PluginStatus::Running);
+                if slot.status().1 > 0 {
+                    let ctx = &state.shared.ctx;
+                    ctx.timeline
+                        .record("plugin", &ctx.node_id, format!("{name} running again"));
+                }
                 Self::publish(&state.shared).await;
             }
             Err(e) => {

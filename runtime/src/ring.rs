@@ -77,6 +77,20 @@ impl Ring {
         &self.nodes
     }
 
+    /// Every virtual node as (position on the ring in 0..1, owner index into [`Ring::nodes`]),
+    /// in ring order: what the dashboard draws.
+    pub fn points(&self) -> Vec<(f64, u32)> {
+        self.points
+            .iter()
+            .map(|(h, i)| (*h as f64 / u64::MAX as f64, *i))
+            .collect()
+    }
+
+    /// Position of `key` on the ring, in 0..1.
+    pub fn position(key: &[u8]) -> f64 {
+        hash_key(key) as f64 / u64::MAX as f64
+    }
+
     /// Virtual nodes per member.
     pub fn vnodes(&self) -> u32 {
         self.vnodes

@@ -6,10 +6,12 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::config::ClusterConfig;
+use crate::dashboard::NodeDashboard;
 use crate::faults::{FaultCommand, FaultRules, Faults};
 use crate::membership::{MemberState, MembershipHandle};
 use crate::plugin::{PluginHost, PluginStatus};
-use crate::rpc::{Caller, RpcError};
+use crate::rpc::{Caller, Rpc, RpcError};
+use crate::timeline::Timeline;
 
 crate::plugin_api!(SysApi, "sys", SysRequest, SysResponse);
 
@@ -26,6 +28,10 @@ pub enum SysRequest {
     ChaosRules,
     /// Send the bytes back (benchmarks).
     Echo(Vec<u8>),
+    /// Counts, panels and fault rules for the dashboard.
+    Dashboard,
+    /// Put a line on this node's timeline (chaos scripts say what they do, e.g. "kill n3").
+    Note(String),
 }
 
 /// Answers from `sys`.
@@ -44,6 +50,10 @@ pub enum SysResponse {
     Rules(FaultRules),
     /// Echoed bytes.
     Echo(Vec<u8>),
+    /// This node's dashboard figures.
+    Dashboard(NodeDashboard),
+    /// Done.
+    Ok,
 }
 
 /// One row of `dsys cluster status`.
@@ -89,14 +99,15 @@ pub(crate) struct SysService {
     pub(crate) membership: MembershipHandle,
     pub(crate) faults: Arc<Faults>,
     pub(crate) host: Arc<PluginHost>,
+    pub(crate) rpc: Rpc,
+    pub(crate) timeline: Arc<Timeline>,
 }
 
+/// Longest timeline note accepted.
+const MAX_NOTE: usize = 300;
+
 impl SysService {
-    pub(crate) fn handle(
-        &self,
-        _caller: &Caller,
-        req: SysRequest,
-    ) -> Result<SysResponse, RpcError> {
+    pub(crate) fn handle(&self, caller: &Caller, req: SysRequest) -> Result<SysResponse, RpcError> {
         Ok(match req {
             SysRequest::Ping => SysResponse::Pong {
                 node: self.me.clone(),
@@ -105,11 +116,35 @@ impl SysService {
             SysRequest::Status => SysResponse::Status(self.status()),
             SysRequest::Chaos(cmd) => {
                 tracing::warn!(?cmd, "fault injection changed");
+                let what = format!("{cmd:?}");
                 self.faults.apply(cmd).map_err(RpcError::Refused)?;
+                self.timeline.record("chaos", &self.me, what);
                 SysResponse::Rules(self.faults.rules())
             }
             SysRequest::ChaosRules => SysResponse::Rules(self.faults.rules()),
             SysRequest::Echo(b) => SysResponse::Echo(b),
+            SysRequest::Dashboard => {
+                let (requests, errors) = self.host.request_counts();
+                SysResponse::Dashboard(NodeDashboard {
+                    node: self.me.clone(),
+                    requests,
+                    errors,
+                    panels: self.host.panels(),
+                    faults: self.faults.rules(),
+                })
+            }
+            SysRequest::Note(text) => {
+                if text.is_empty() || text.len() > MAX_NOTE {
+                    return Err(RpcError::refused(format!("a note is 1..={MAX_NOTE} bytes")));
+                }
+                let who = match caller {
+                    Caller::Node(n) => n.as_str(),
+                    Caller::Client => "client",
+                };
+                self.timeline
+                    .record("chaos", &self.me, format!("{who}: {text}"));
+                SysResponse::Ok
+            }
         })
     }
 

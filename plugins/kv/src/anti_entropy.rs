@@ -25,6 +25,8 @@ pub(crate) struct State {
     pub(crate) bytes: AtomicU64,
     /// Exchanges completed.
     pub(crate) exchanges: AtomicU64,
+    /// Last exchange with each peer: (wall-clock ms, what came of it), for the dashboard.
+    pub(crate) last: std::sync::Mutex<std::collections::BTreeMap<String, (u64, String)>>,
 }
 
 impl State {
@@ -214,6 +216,15 @@ async fn exchange(inner: &Inner, peer: &str) -> Result<u64, RpcError> {
     Ok(repaired)
 }
 
+fn note(inner: &Inner, peer: &str, what: String) {
+    inner
+        .ae
+        .last
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(peer.to_string(), (crate::wall_ms(), what));
+}
+
 /// One round: exchange with every alive peer whose id sorts after ours (each pair once).
 pub(crate) async fn round(inner: &Inner) {
     let me = inner.me().to_string();
@@ -233,10 +244,17 @@ pub(crate) async fn round(inner: &Inner) {
                 inner.counters.rebalanced.fetch_add(n, Ordering::Relaxed);
                 if n > 0 {
                     tracing::info!(peer = %p, repaired = n, "anti-entropy repaired items");
+                    inner.ctx.timeline.record(
+                        "kv",
+                        &me,
+                        format!("anti-entropy with {p} repaired {n} items"),
+                    );
                 }
+                note(inner, &p, format!("in sync ({n} repaired)"));
             }
             Err(e) => {
                 tracing::debug!(peer = %p, "anti-entropy exchange failed: {e}");
+                note(inner, &p, format!("failed: {e}"));
                 retry = true;
             }
         }

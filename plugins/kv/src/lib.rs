@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use dsys_runtime::{Caller, ClusterEvent, Plugin, PluginContext, RpcError};
+use dsys_runtime::{Caller, ClusterEvent, Panel, Plugin, PluginContext, RpcError};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
@@ -598,5 +598,57 @@ impl Plugin for KvPlugin {
         ) {
             self.inner.ae.trigger();
         }
+    }
+
+    fn panel(&self) -> Option<Panel> {
+        let i = &self.inner;
+        let st = i.stats();
+        let view = i.ctx.membership.view();
+        let hints = i.store.hint_counts();
+        let last = i.ae.last.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let now = wall_ms();
+        let replicas = view.members.values().filter(|m| m.id != i.me()).map(|m| {
+            let (at, what) = last
+                .get(&m.id)
+                .map(|(t, w)| {
+                    (
+                        format!("{} s ago", now.saturating_sub(*t) / 1000),
+                        w.clone(),
+                    )
+                })
+                .unwrap_or_else(|| ("-".into(), "-".into()));
+            vec![
+                m.id.clone(),
+                format!("{:?}", m.state).to_lowercase(),
+                hints.get(&m.id).copied().unwrap_or(0).to_string(),
+                at,
+                what,
+            ]
+        });
+        Some(
+            Panel::new(format!(
+                "Dynamo KV (N={} W={} R={})",
+                i.cfg.n, i.cfg.w, i.cfg.r
+            ))
+            .stat("keys", st.keys)
+            .stat("tombstones", st.tombstones)
+            .stat("hints pending", st.hints)
+            .stat("hints delivered", st.hints_delivered)
+            .stat("read repairs", st.read_repairs)
+            .stat("items re-replicated", st.rebalanced)
+            .stat("WAL LSN", st.wal_lsn)
+            .stat("anti-entropy exchanges", st.ae_exchanges)
+            .table(
+                "Replica health (as this node sees its peers)",
+                &[
+                    "peer",
+                    "state",
+                    "hints waiting",
+                    "last anti-entropy",
+                    "result",
+                ],
+                replicas,
+            ),
+        )
     }
 }

@@ -247,6 +247,20 @@ impl Store {
         out
     }
 
+    /// Number of waiting hints per target.
+    pub(crate) fn hint_counts(&self) -> BTreeMap<String, usize> {
+        let mut out: BTreeMap<String, usize> = BTreeMap::new();
+        for h in self
+            .hints
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+        {
+            *out.entry(h.target.clone()).or_default() += 1;
+        }
+        out
+    }
+
     pub(crate) fn hint_count(&self) -> u64 {
         self.hints.lock().unwrap_or_else(|p| p.into_inner()).len() as u64
     }

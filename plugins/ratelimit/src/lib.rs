@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dashmap::DashMap;
-use dsys_runtime::{Caller, Plugin, PluginContext, RpcError};
+use dsys_runtime::{Caller, Panel, Plugin, PluginContext, RateMeter, RpcError};
 use serde::{Deserialize, Serialize};
 
 pub use api::{
@@ -43,10 +43,22 @@ fn default_max_keys() -> usize {
 pub struct RatelimitPlugin {
     ctx: PluginContext,
     config: RatelimitConfig,
-    limiters: Arc<DashMap<(String, String), Limiter>>,
+    limiters: Arc<DashMap<(String, String), Tracked>>,
+    /// Decisions taken here per rule: (allowed, limited), for the dashboard and `/metrics`.
+    decisions: BTreeMap<String, (RateMeter, RateMeter)>,
     epoch: tokio::time::Instant,
     sweeper: tokio::task::JoinHandle<()>,
 }
+
+/// A key's limiter and what it decided, for the dashboard's top keys.
+struct Tracked {
+    limiter: Limiter,
+    allowed: u64,
+    limited: u64,
+}
+
+/// Keys shown on the dashboard.
+const TOP_KEYS: usize = 10;
 
 impl std::fmt::Debug for RatelimitPlugin {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -102,7 +114,7 @@ impl RatelimitPlugin {
         let now = now_ms(self.epoch);
         let k = (rule_name.clone(), key.clone());
         if !self.limiters.contains_key(&k) && self.limiters.len() >= self.config.max_keys {
-            self.limiters.retain(|_, l| !l.is_idle(now));
+            self.limiters.retain(|_, t| !t.limiter.is_idle(now));
             if self.limiters.len() >= self.config.max_keys {
                 return Err(RpcError::Refused(format!(
                     "this node already tracks {} keys (plugins.ratelimit.max_keys)",
@@ -111,11 +123,33 @@ impl RatelimitPlugin {
             }
         }
         // The entry holds its shard's lock: check-and-consume is atomic per key.
-        let decision = self
-            .limiters
-            .entry(k)
-            .or_insert_with(|| Limiter::new(rule, now))
-            .check(now, cost);
+        let decision = {
+            let mut t = self.limiters.entry(k).or_insert_with(|| Tracked {
+                limiter: Limiter::new(rule, now),
+                allowed: 0,
+                limited: 0,
+            });
+            let d = t.limiter.check(now, cost);
+            if d.allowed {
+                t.allowed += 1;
+            } else {
+                t.limited += 1;
+            }
+            d
+        };
+        if let Some((a, l)) = self.decisions.get(&rule_name) {
+            let (meter, outcome) = if decision.allowed {
+                (a, "allowed")
+            } else {
+                (l, "limited")
+            };
+            meter.mark(1);
+            self.ctx.metrics.add(
+                "dsys_ratelimit_decisions_total",
+                &[("rule", &rule_name), ("outcome", outcome)],
+                1,
+            );
+        }
         Ok(RatelimitResponse::Decision {
             rule: rule_name,
             key,
@@ -135,7 +169,17 @@ impl Plugin for RatelimitPlugin {
             r.validate()
                 .map_err(|e| format!("plugins.ratelimit.rules.{name}: {e}"))?;
         }
-        let limiters: Arc<DashMap<(String, String), Limiter>> = Arc::new(DashMap::new());
+        let limiters: Arc<DashMap<(String, String), Tracked>> = Arc::new(DashMap::new());
+        ctx.metrics.describe(
+            "dsys_ratelimit_decisions_total",
+            "counter",
+            "Rate-limit decisions taken on this node (as the key's owner), by rule and outcome",
+        );
+        let decisions = config
+            .rules
+            .keys()
+            .map(|r| (r.clone(), Default::default()))
+            .collect();
         let epoch = tokio::time::Instant::now();
         // Full limiters carry no information: drop them so memory follows active keys only.
         let sweeper = {
@@ -145,7 +189,7 @@ impl Plugin for RatelimitPlugin {
                 loop {
                     tick.tick().await;
                     let now = now_ms(epoch);
-                    limiters.retain(|_, l| !l.is_idle(now));
+                    limiters.retain(|_, t| !t.limiter.is_idle(now));
                 }
             })
         };
@@ -153,6 +197,7 @@ impl Plugin for RatelimitPlugin {
             ctx,
             config,
             limiters,
+            decisions,
             epoch,
             sweeper,
         })
@@ -186,6 +231,52 @@ impl Plugin for RatelimitPlugin {
                     .await
             }
         }
+    }
+
+    fn panel(&self) -> Option<Panel> {
+        let rate = |m: &RateMeter| m.rate().map_or("-".to_string(), |r| format!("{r:.1}/s"));
+        let rules = self.decisions.iter().map(|(name, (a, l))| {
+            let policy = self.config.rules.get(name).map_or(String::new(), |r| {
+                format!("{:?} {} per {} ms", r.algorithm, r.limit, r.window_ms)
+            });
+            vec![
+                name.clone(),
+                policy,
+                a.total().to_string(),
+                rate(a),
+                l.total().to_string(),
+                rate(l),
+            ]
+        });
+        let mut top: Vec<(String, String, u64, u64)> = self
+            .limiters
+            .iter()
+            .map(|e| (e.key().0.clone(), e.key().1.clone(), e.allowed, e.limited))
+            .collect();
+        top.sort_by_key(|t| std::cmp::Reverse(t.2 + t.3));
+        top.truncate(TOP_KEYS);
+        Some(
+            Panel::new("Rate limiter (keys owned here)")
+                .stat("keys tracked", self.limiters.len())
+                .table(
+                    "Rules",
+                    &[
+                        "rule",
+                        "policy",
+                        "allowed",
+                        "allowed rate",
+                        "limited",
+                        "limited rate",
+                    ],
+                    rules,
+                )
+                .table(
+                    "Top keys",
+                    &["rule", "key", "allowed", "limited"],
+                    top.into_iter()
+                        .map(|(r, k, a, l)| vec![r, k, a.to_string(), l.to_string()]),
+                ),
+        )
     }
 
     fn routes(

@@ -1002,7 +1002,11 @@ mod tests {
     #[tokio::test]
     async fn uncommitted_stolen_pages_are_undone() {
         let d = tempfile::tempdir().expect("tmp");
-        let (s, _) = open(d.path(), 2).await;
+        // The log syncs only when asked, so that every steal of a dirty page must first wait
+        // for the log (under the default policy its own fsync may already have covered it).
+        let mut c = cfg(d.path(), 2);
+        c.sync = SyncPolicy::Interval(std::time::Duration::from_secs(3600));
+        let (s, _) = PageStore::open(c).await.expect("open");
         let t0 = s.begin().await.expect("begin");
         for p in 0..6 {
             s.write(t0, p, 0, format!("base{p}").into_bytes())
