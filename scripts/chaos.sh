@@ -35,6 +35,8 @@ awk -v e="$E" -v a="$A" -v t="$T" 'BEGIN{exit !(e>0 && a>=0 && t>0 && a<e)}' ||
   { echo "chaos.sh: need --kill-every > --restart-after >= 0 and --for > 0" >&2; exit 2; }
 RANDOM=$seed
 log() { echo "[$(date +%H:%M:%S.%3N)] $*"; }
+# Say it on the dashboards' timelines too (nodes that are down simply miss the note).
+note() { "$BIN" --config "$CONFIG" --timeout 1s chaos note "chaos.sh: $*" >/dev/null 2>&1 || true; }
 killed=()
 cleanup() {
   if [ "$partition" = 1 ]; then "$BIN" --config "$CONFIG" chaos heal >/dev/null 2>&1 || true; log "healed"; fi
@@ -57,9 +59,9 @@ while awk -v n="$(date +%s.%N)" -v e="$end" 'BEGIN{exit !(n<e)}'; do
     "$BIN" --config "$CONFIG" chaos heal >/dev/null && log "healed"
   else
     victim=${up[$((RANDOM % ${#up[@]}))]}
-    scripts/cluster.sh kill "$victim" >/dev/null && killed+=("$victim") && log "SIGKILL $victim"
+    scripts/cluster.sh kill "$victim" >/dev/null && killed+=("$victim") && log "SIGKILL $victim" && note "SIGKILL $victim"
     sleep "$A"
-    scripts/cluster.sh start "$victim" >/dev/null && log "restarted $victim"
+    scripts/cluster.sh start "$victim" >/dev/null && log "restarted $victim" && note "restarted $victim"
     killed=()
   fi
   sleep "$(awk -v e="$E" -v a="$A" 'BEGIN{print e-a}')"

@@ -111,6 +111,12 @@ enum ClusterCmd {
 
 #[derive(Subcommand, Debug)]
 enum ChaosCmd {
+    /// Put a line on every reachable node's dashboard timeline, e.g. `note SIGKILL n3`.
+    Note {
+        /// Text (joined with spaces; at most 300 bytes).
+        #[arg(required = true, num_args = 1..)]
+        text: Vec<String>,
+    },
     /// Cut the cluster into groups, e.g. `n1,n2 n3,n4,n5`.
     Partition {
         /// Comma-separated node ids per group.
@@ -596,6 +602,7 @@ async fn chaos(cli: &Cli, c: &ChaosCmd) -> Result<u8, Fail> {
         }),
         ChaosCmd::Heal => SysRequest::Chaos(FaultCommand::Heal),
         ChaosCmd::Status => SysRequest::ChaosRules,
+        ChaosCmd::Note { text } => SysRequest::Note(text.join(" ")),
     };
     // Every node applies the same rules to its own traffic: send to each one directly.
     let client = client(cli)?;
@@ -606,6 +613,10 @@ async fn chaos(cli: &Cli, c: &ChaosCmd) -> Result<u8, Fail> {
             Ok(SysResponse::Rules(r)) => {
                 ok += 1;
                 report.push(serde_json::json!({ "endpoint": addr.to_string(), "rules": r }));
+            }
+            Ok(SysResponse::Ok) => {
+                ok += 1;
+                report.push(serde_json::json!({ "endpoint": addr.to_string(), "noted": true }));
             }
             Ok(_) => {}
             Err(ClientError::Rpc(RpcError::Refused(msg))) => {
