@@ -4,18 +4,21 @@
 //! Every node listens for RESP on its port (`[plugins.cache] ports`). A command for a key is
 //! executed by the key's owner on the consistent-hash ring (`preference_list(key, 2)`: a
 //! primary and one replica); a node that receives a command for a key it does not own
-//! forwards it with [`CacheRequest::Exec`]. Pipelined commands are grouped per (primary,
-//! replica) pair and sent as one batch per pair, the batches running concurrently; replies
-//! are written back in order. Multi-key commands (MGET, MSET, DEL, EXISTS) are split by owner
-//! and their replies merged.
+//! forwards it with [`CacheRequest::Exec`]. A connection's pipelined commands are grouped per
+//! primary; each group is a job for that primary's forwarder, which gathers the jobs of all
+//! connections into one `Exec` while earlier ones are in flight (see `forward_loop`), and
+//! slices the in-order replies back. Multi-key commands (MGET, MSET, DEL, EXISTS) are split
+//! by owner and their replies merged.
 //!
 //! Replication is asynchronous, like Redis': after applying a write the primary queues the
 //! new state of each written key for the replica; one ordered queue and sender task per
 //! target node ship batches with [`CacheRequest::Replicate`]. A write acknowledged to the
 //! client can therefore be lost if the primary dies before its batch left (the window is one
-//! network round trip under load). When the primary does not answer, the command goes to the
-//! replica, which serves it from its copy (and, once gossip declares the primary dead, the
-//! ring makes the replica the primary anyway).
+//! network round trip under load). When the primary does not answer, each command goes to
+//! its key's replica, which serves it from its copy (and, once gossip declares the primary
+//! dead, the ring makes the replica the primary anyway). When membership changes, each node
+//! hands the keys it holds to the nodes that newly hold them (`Inner::hand_off`), so every
+//! key again has two copies.
 #![warn(missing_docs, unreachable_pub)]
 
 mod api;
@@ -134,6 +137,15 @@ impl CacheConfig {
 /// Items queued per replica before new ones are dropped.
 const REPL_QUEUE: usize = 65_536;
 
+/// How long a replication sender waits for more items when it has fewer than
+/// [`REPL_LINGER_ITEMS`]: each `Replicate` RPC costs ~100 µs of CPU on each side (QUIC,
+/// syscalls, tasks), so without it a moderate write rate ships a handful of items per RPC
+/// and replication costs more than the writes. It widens the window in which an
+/// acknowledged write can be lost with its primary by at most this much.
+const REPL_LINGER: Duration = Duration::from_millis(5);
+/// Batches at least this large go at once.
+const REPL_LINGER_ITEMS: usize = 512;
+
 /// Most bytes (keys and values) gathered into one forwarded or replicated batch, well under
 /// the runtime's default frame cap (16 MiB); a single larger command is sent alone.
 const BATCH_BYTES: usize = 4 * 1024 * 1024;
@@ -199,7 +211,7 @@ type Target = (String, Option<String>);
 type Pending<'r> = BTreeMap<&'r str, (Vec<usize>, Vec<Vec<Vec<u8>>>)>;
 
 /// Commands of one connection's round bound for one primary, waiting in that primary's
-/// forwarder to be sent in a batch with other connections' jobs (see [`forward_loop`]).
+/// forwarder to be sent in a batch with other connections' jobs (see `forward_loop`).
 struct Job {
     cmds: Vec<Vec<Vec<u8>>>,
     bytes: usize,
@@ -362,16 +374,24 @@ impl Inner {
         let mut items = Vec::new();
         {
             let mut store = self.lock();
+            // Only write-through needs the written keys afterwards; otherwise they move
+            // into the replication items.
+            let keep_written = !self.cfg.write_through.is_empty();
             for cmd in cmds {
-                let o = execute(&mut store, cmd, now, &env);
+                let mut o = execute(&mut store, cmd, now, &env);
                 if replicate {
-                    for key in &o.written {
-                        let (value, expire_at) = match store.peek(key, now) {
+                    let written = if keep_written {
+                        o.written.clone()
+                    } else {
+                        std::mem::take(&mut o.written)
+                    };
+                    for key in written {
+                        let (value, expire_at) = match store.peek(&key, now) {
                             Some((v, t)) => (Some(v), t),
                             None => (None, None),
                         };
                         items.push(ReplItem {
-                            key: key.clone(),
+                            key,
                             value,
                             expire_at,
                             if_absent: false,
@@ -966,7 +986,8 @@ async fn forward_loop(
 
 /// One ordered queue and sender task per replica target. Writers push whole batches (one
 /// per executed round); the task sends everything queued in one [`CacheRequest::Replicate`]
-/// (up to [`MAX_BATCH`] items), one RPC at a time, so the order per key is kept.
+/// (up to [`MAX_BATCH`] items, after lingering up to [`REPL_LINGER`] for a small batch to
+/// grow), one RPC at a time, so the order per key is kept.
 fn spawn_replicator(rpc: dsys_runtime::Rpc, target: String, dropped: Arc<AtomicU64>) -> ReplQueue {
     let (tx, mut rx) = mpsc::unbounded_channel::<Vec<ReplItem>>();
     let queued = Arc::new(AtomicUsize::new(0));
@@ -982,6 +1003,12 @@ fn spawn_replicator(rpc: dsys_runtime::Rpc, target: String, dropped: Arc<AtomicU
             }
             while let Ok(v) = rx.try_recv() {
                 buf.extend(v);
+            }
+            if buf.len() < REPL_LINGER_ITEMS {
+                tokio::time::sleep(REPL_LINGER).await;
+                while let Ok(v) = rx.try_recv() {
+                    buf.extend(v);
+                }
             }
             let mut batch = Vec::new();
             let mut bytes = 0;
