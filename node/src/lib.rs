@@ -3,6 +3,7 @@
 #![warn(missing_docs, unreachable_pub)]
 
 pub mod bench;
+pub mod check;
 
 use dsys_runtime::{plugin_factory, PluginFactory};
 

@@ -76,6 +76,35 @@ enum Cmd {
     /// Benchmarks that print throughput and p50/p99.
     #[command(subcommand)]
     Bench(BenchCmd),
+    /// Jepsen-style check on a fresh local cluster: workload, faults, history, checker verdict
+    /// (exit 0 valid, 1 invalid, 2 usage error, 3 unknown or the cluster failed).
+    Check(CheckArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct CheckArgs {
+    /// Workload: register (consensus), set (kv), ratelimit. (unique-ids and lock need plugins
+    /// that do not exist yet.)
+    workload: String,
+    /// Nodes of the fresh local cluster (3..=9).
+    #[arg(long, default_value_t = 5)]
+    nodes: usize,
+    /// How long clients run (faults included).
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Faults, comma-separated: kill, pause, partition, delay (or none).
+    #[arg(long, default_value = "kill,pause,partition,delay")]
+    faults: String,
+    /// Seed of the fault schedule and of the clients' choices (default: from the clock).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Client processes.
+    #[arg(long, default_value_t = 5)]
+    concurrency: usize,
+    /// Run folder for the cluster, logs, history.json and report.json (default:
+    /// target/dsys-check/WORKLOAD-TIME-PID, or under the temp dir without ./target).
+    #[arg(long)]
+    out: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -310,6 +339,7 @@ async fn run(cli: Cli) -> Result<u8, Fail> {
             Ok(0)
         }
         Cmd::Chaos(c) => chaos(&cli, c).await,
+        Cmd::Check(a) => check(&cli, a).await,
         Cmd::Bench(BenchCmd::Ratelimit {
             rule,
             keys,
@@ -406,6 +436,32 @@ async fn run(cli: Cli) -> Result<u8, Fail> {
             Ok(0)
         }
     }
+}
+
+async fn check(cli: &Cli, a: &CheckArgs) -> Result<u8, Fail> {
+    use dsys_node::check;
+    let faults = check::parse_faults(&a.faults).map_err(usage)?;
+    let seed = a.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64 % 1_000_000)
+            .unwrap_or(1)
+    });
+    let opts = check::CheckOptions {
+        workload: a.workload.clone(),
+        nodes: a.nodes,
+        duration: a.duration,
+        faults,
+        seed,
+        concurrency: a.concurrency,
+        out: a.out.clone(),
+        timeout: cli.timeout,
+        json: cli.json,
+    };
+    opts.validate().map_err(usage)?;
+    check::run(opts)
+        .await
+        .map_err(|e| Fail(3, format!("{e:#}")))
 }
 
 fn parse_ratio(s: &str) -> Result<u32, Fail> {

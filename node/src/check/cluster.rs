@@ -1,0 +1,180 @@
+//! A fresh local cluster for one check run: N `dsys agent` child processes of this same
+//! executable on free loopback ports, with their own certificates and data under the run
+//! folder. Every child is SIGKILLed and reaped when the cluster is dropped, including on
+//! errors and Ctrl-C.
+
+use std::fs::OpenOptions;
+use std::net::{SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use anyhow::{bail, Context};
+
+/// One node's process.
+#[derive(Debug)]
+pub(crate) struct NodeProc {
+    pub(crate) id: String,
+    pub(crate) rpc: SocketAddr,
+    child: Option<Child>,
+    paused: bool,
+}
+
+/// The cluster.
+#[derive(Debug)]
+pub(crate) struct LocalCluster {
+    exe: PathBuf,
+    dir: PathBuf,
+    config: PathBuf,
+    pub(crate) nodes: Vec<NodeProc>,
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    // UDP (gossip) and TCP/QUIC share numbers but not spaces: a port free for both.
+    for _ in 0..100 {
+        let u = UdpSocket::bind("127.0.0.1:0")?;
+        let p = u.local_addr()?.port();
+        if std::net::TcpListener::bind(("127.0.0.1", p)).is_ok() {
+            return Ok(p);
+        }
+    }
+    bail!("no free port found on 127.0.0.1")
+}
+
+impl LocalCluster {
+    /// Write the cluster file and certificates for `n` nodes into `dir`; start nothing yet.
+    pub(crate) fn create(dir: &Path, n: usize, extra_toml: &str) -> anyhow::Result<Self> {
+        let exe = std::env::current_exe().context("finding this executable")?;
+        std::fs::create_dir_all(dir.join("logs"))
+            .with_context(|| format!("creating {}", dir.display()))?;
+        let mut s = format!(
+            "# written by `dsys check`\n[cluster]\nname = \"dsys-check\"\nseeds = [\"n1\", \"n2\"]\n\
+             certs_dir = \"{}\"\ngossip_interval_ms = 100\nrpc_timeout_ms = 2000\n\n",
+            dir.join("certs").display()
+        );
+        let mut nodes = Vec::new();
+        for i in 1..=n {
+            let (g, r, h) = (free_port()?, free_port()?, free_port()?);
+            let id = format!("n{i}");
+            s.push_str(&format!(
+                "[nodes.{id}]\ngossip_port = {g}\nrpc_port = {r}\nhttp_port = {h}\nregion = \"{}\"\ndata_dir = \"{}\"\n\n",
+                if i % 2 == 0 { "b" } else { "a" },
+                dir.join("data").join(&id).display()
+            ));
+            nodes.push(NodeProc {
+                id,
+                rpc: SocketAddr::from(([127, 0, 0, 1], r)),
+                child: None,
+                paused: false,
+            });
+        }
+        // The cache plugin's RESP ports: none configured, so the OS picks free ones.
+        s.push_str(extra_toml);
+        let config = dir.join("cluster.toml");
+        std::fs::write(&config, s).with_context(|| format!("writing {}", config.display()))?;
+        let ids: Vec<String> = nodes.iter().map(|n| n.id.clone()).collect();
+        dsys_runtime::init_cluster_certs(&dir.join("certs"), &ids)
+            .map_err(|e| anyhow::anyhow!("certificates: {e}"))?;
+        Ok(LocalCluster {
+            exe,
+            dir: dir.to_path_buf(),
+            config,
+            nodes,
+        })
+    }
+
+    pub(crate) fn certs(&self) -> PathBuf {
+        self.dir.join("certs")
+    }
+
+    pub(crate) fn is_up(&self, i: usize) -> bool {
+        self.nodes[i].child.is_some() && !self.nodes[i].paused
+    }
+
+    /// Start node `i` (its log is appended to `logs/<id>.log`).
+    pub(crate) fn spawn(&mut self, i: usize) -> anyhow::Result<()> {
+        let nd = &mut self.nodes[i];
+        if nd.child.is_some() {
+            return Ok(());
+        }
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("logs").join(format!("{}.log", nd.id)))?;
+        let child = Command::new(&self.exe)
+            .arg("--config")
+            .arg(&self.config)
+            .args(["agent", "--node", &nd.id])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", nd.id))?;
+        nd.child = Some(child);
+        nd.paused = false;
+        Ok(())
+    }
+
+    /// SIGKILL node `i` and reap it.
+    pub(crate) fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.nodes[i].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.nodes[i].paused = false;
+    }
+
+    fn signal(&self, i: usize, sig: &str) -> anyhow::Result<()> {
+        let Some(c) = &self.nodes[i].child else {
+            bail!("{} is not running", self.nodes[i].id);
+        };
+        let st = Command::new("kill")
+            .args([sig, &c.id().to_string()])
+            .status()
+            .context("running kill(1)")?;
+        if !st.success() {
+            bail!("kill {sig} {} failed", c.id());
+        }
+        Ok(())
+    }
+
+    /// SIGSTOP node `i`.
+    pub(crate) fn pause(&mut self, i: usize) -> anyhow::Result<()> {
+        self.signal(i, "-STOP")?;
+        self.nodes[i].paused = true;
+        Ok(())
+    }
+
+    /// SIGCONT node `i`.
+    pub(crate) fn resume(&mut self, i: usize) -> anyhow::Result<()> {
+        self.signal(i, "-CONT")?;
+        self.nodes[i].paused = false;
+        Ok(())
+    }
+
+    /// Nodes whose process exited on its own (not killed by us): (id, status).
+    pub(crate) fn exited(&mut self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        for nd in &mut self.nodes {
+            if let Some(c) = &mut nd.child {
+                if let Ok(Some(st)) = c.try_wait() {
+                    out.push((nd.id.clone(), st.to_string()));
+                    nd.child = None;
+                }
+            }
+        }
+        out
+    }
+
+    /// Kill every child.
+    pub(crate) fn kill_all(&mut self) {
+        for i in 0..self.nodes.len() {
+            self.kill(i);
+        }
+    }
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        self.kill_all();
+    }
+}
