@@ -105,6 +105,10 @@ struct CheckArgs {
     /// target/dsys-check/WORKLOAD-TIME-PID, or under the temp dir without ./target).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Start no cluster: judge this saved history (a run's history.json or a hand-written
+    /// one) with the workload's checker.
+    #[arg(long)]
+    history: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -440,6 +444,12 @@ async fn run(cli: Cli) -> Result<u8, Fail> {
 
 async fn check(cli: &Cli, a: &CheckArgs) -> Result<u8, Fail> {
     use dsys_node::check;
+    if let Some(h) = &a.history {
+        if !check::REGISTRY.iter().any(|w| w.name == a.workload) {
+            return Err(usage(format!("unknown workload `{}`", a.workload)));
+        }
+        return check::check_file(&a.workload, h, cli.json).map_err(|e| usage(format!("{e:#}")));
+    }
     let faults = check::parse_faults(&a.faults).map_err(usage)?;
     let seed = a.seed.unwrap_or_else(|| {
         std::time::SystemTime::now()

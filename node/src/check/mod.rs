@@ -124,6 +124,10 @@ pub trait Workload: Send + Sync {
     }
     /// What the checker claims, in one line (printed in the report).
     fn claim(&self) -> String;
+    /// Quiet time between two faults, in ms (a random value in this range).
+    fn quiet_ms(&self) -> (u64, u64) {
+        (1000, 3000)
+    }
     /// Ok once the cluster serves this workload (called repeatedly until a deadline).
     async fn ready(&self, ctx: &Ctx, w: &mut Worker) -> Result<(), String>;
     /// One operation of one client process: invoke, send, complete.
@@ -425,6 +429,40 @@ where
     }
 }
 
+/// Judge a saved history (e.g. a run's history.json, or a hand-written one) with a workload's
+/// checker; prints the verdict, returns the exit code (0 valid, 1 invalid, 3 unknown).
+pub fn check_file(workload: &str, path: &std::path::Path, json: bool) -> anyhow::Result<u8> {
+    let entry = REGISTRY
+        .iter()
+        .find(|w| w.name == workload)
+        .ok_or_else(|| anyhow!("unknown workload `{workload}`"))?;
+    let text = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let h: History = serde_json::from_slice(&text)
+        .with_context(|| format!("{} is not a history (events, faults)", path.display()))?;
+    let v = (entry.make)().check(&h);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        let word = match v.valid {
+            Some(true) => "VALID",
+            Some(false) => "INVALID",
+            None => "UNKNOWN",
+        };
+        println!("verdict: {word}: {}", v.summary);
+        if !v.details.is_null() {
+            println!("details: {}", v.details);
+        }
+        for x in v.violations.iter().take(5) {
+            println!("violation: {}", serde_json::to_string_pretty(x)?);
+        }
+    }
+    Ok(match v.valid {
+        Some(true) => 0,
+        Some(false) => 1,
+        None => 3,
+    })
+}
+
 /// Wait until the workload's readiness probe passes, or the last error at the deadline.
 async fn ready_within(
     wl: &dyn Workload,
@@ -512,7 +550,13 @@ async fn run_inner(
         ping,
         seed: opts.seed,
     });
-    let nem = nemesis::Nemesis::new(cluster.clone(), ctx.clone(), opts.faults.clone(), opts.seed)?;
+    let nem = nemesis::Nemesis::new(
+        cluster.clone(),
+        ctx.clone(),
+        opts.faults.clone(),
+        opts.seed,
+        workload.quiet_ms(),
+    )?;
     eprintln!(
         "starting {} nodes ({}), waiting for them to see each other...",
         nodes.len(),

@@ -18,8 +18,6 @@ use tokio::time::Instant;
 use super::cluster::LocalCluster;
 use super::{Ctx, FaultKind};
 
-/// Quiet time between faults.
-const QUIET: (u64, u64) = (1000, 3000);
 /// How long a fault holds.
 const HOLD: (u64, u64) = (2000, 6000);
 /// Longest wait for recovery after undoing a fault.
@@ -31,6 +29,7 @@ pub(crate) struct Nemesis {
     kinds: Vec<FaultKind>,
     rng: StdRng,
     sys: Client,
+    quiet: (u64, u64),
 }
 
 impl Nemesis {
@@ -39,6 +38,7 @@ impl Nemesis {
         ctx: Arc<Ctx>,
         kinds: Vec<FaultKind>,
         seed: u64,
+        quiet: (u64, u64),
     ) -> anyhow::Result<Self> {
         let sys = Client::new(&ctx.identity, vec![ctx.nodes[0].1], Duration::from_secs(1))
             .map_err(|e| anyhow!("client: {e}"))?;
@@ -48,6 +48,7 @@ impl Nemesis {
             kinds,
             rng: StdRng::seed_from_u64(seed ^ 0x6e65_6d65_7369_73),
             sys,
+            quiet,
         })
     }
 
@@ -121,7 +122,7 @@ impl Nemesis {
             return self;
         }
         loop {
-            let quiet = Duration::from_millis(self.rng.gen_range(QUIET.0..=QUIET.1));
+            let quiet = Duration::from_millis(self.rng.gen_range(self.quiet.0..=self.quiet.1));
             let hold = Duration::from_millis(self.rng.gen_range(HOLD.0..=HOLD.1));
             if Instant::now() + quiet + hold >= end {
                 return self;

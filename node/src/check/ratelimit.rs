@@ -160,6 +160,12 @@ impl Workload for Ratelimit {
         )
     }
 
+    fn quiet_ms(&self) -> (u64, u64) {
+        // Longer quiet periods, so that keys (one per second) are used with stable membership
+        // and the global bound gets checked, not only the per-owner one.
+        (4000, 8000)
+    }
+
     async fn ready(&self, ctx: &Ctx, w: &mut Worker) -> Result<(), String> {
         let req = RatelimitRequest::Check {
             rule: "check".into(),
