@@ -109,6 +109,10 @@ struct CheckArgs {
     /// one) with the workload's checker.
     #[arg(long)]
     history: Option<PathBuf>,
+    /// Multi-host mode: run each node in its namespace from `scripts/netns-cluster.sh up N`
+    /// and cut partitions with nft drop rules (run through `scripts/netns-cluster.sh check`).
+    #[arg(long)]
+    netns: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -467,6 +471,7 @@ async fn check(cli: &Cli, a: &CheckArgs) -> Result<u8, Fail> {
         out: a.out.clone(),
         timeout: cli.timeout,
         json: cli.json,
+        netns: a.netns,
     };
     opts.validate().map_err(usage)?;
     check::run(opts)

@@ -19,9 +19,46 @@ pub(crate) struct NodeProc {
     paused: bool,
 }
 
+/// Multi-host mode (`scripts/netns-cluster.sh up N`): node nK runs in namespace `dsys-nK`
+/// with address 10.77.0.K; the check process runs in the hub namespace.
+pub(crate) const NETNS_NET: &str = "10.77.0";
+/// nft table holding a partition's drop rules inside each node namespace.
+const NFT_TABLE: &str = "dsys_check";
+
+/// Ok when this process runs in the hub namespace and namespaces dsys-n1..dsys-nN exist.
+pub(crate) fn netns_ready(n: usize) -> Result<(), String> {
+    let out = Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .map_err(|e| format!("--netns: running `ip netns list`: {e}"))?;
+    let list = String::from_utf8_lossy(&out.stdout);
+    let have: Vec<&str> = list
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    for i in 1..=n {
+        if !have.contains(&format!("dsys-n{i}").as_str()) {
+            return Err(format!(
+                "--netns: namespace dsys-n{i} does not exist; run `scripts/netns-cluster.sh up {n}` first"
+            ));
+        }
+    }
+    let addrs = Command::new("ip")
+        .args(["-4", "-o", "addr", "show"])
+        .output()
+        .map_err(|e| format!("--netns: running `ip addr`: {e}"))?;
+    if !String::from_utf8_lossy(&addrs.stdout).contains(&format!("{NETNS_NET}.254/")) {
+        return Err(format!(
+            "--netns: this process must run in the hub namespace ({NETNS_NET}.254); use `scripts/netns-cluster.sh check WORKLOAD ...`"
+        ));
+    }
+    Ok(())
+}
+
 /// The cluster.
 #[derive(Debug)]
 pub(crate) struct LocalCluster {
+    netns: bool,
     exe: PathBuf,
     dir: PathBuf,
     config: PathBuf,
@@ -42,7 +79,12 @@ fn free_port() -> anyhow::Result<u16> {
 
 impl LocalCluster {
     /// Write the cluster file and certificates for `n` nodes into `dir`; start nothing yet.
-    pub(crate) fn create(dir: &Path, n: usize, extra_toml: &str) -> anyhow::Result<Self> {
+    pub(crate) fn create(
+        dir: &Path,
+        n: usize,
+        extra_toml: &str,
+        netns: bool,
+    ) -> anyhow::Result<Self> {
         let exe = std::env::current_exe().context("finding this executable")?;
         std::fs::create_dir_all(dir.join("logs"))
             .with_context(|| format!("creating {}", dir.display()))?;
@@ -53,16 +95,26 @@ impl LocalCluster {
         );
         let mut nodes = Vec::new();
         for i in 1..=n {
-            let (g, r, h) = (free_port()?, free_port()?, free_port()?);
+            // Each namespace has its own ports: fixed ones there, free loopback ones here.
+            let (host, g, r, h) = if netns {
+                (format!("{NETNS_NET}.{i}"), 7101, 7201, 7301)
+            } else {
+                (
+                    "127.0.0.1".to_string(),
+                    free_port()?,
+                    free_port()?,
+                    free_port()?,
+                )
+            };
             let id = format!("n{i}");
             s.push_str(&format!(
-                "[nodes.{id}]\ngossip_port = {g}\nrpc_port = {r}\nhttp_port = {h}\nregion = \"{}\"\ndata_dir = \"{}\"\n\n",
+                "[nodes.{id}]\nhost = \"{host}\"\ngossip_port = {g}\nrpc_port = {r}\nhttp_port = {h}\nregion = \"{}\"\ndata_dir = \"{}\"\n\n",
                 if i % 2 == 0 { "b" } else { "a" },
                 dir.join("data").join(&id).display()
             ));
             nodes.push(NodeProc {
                 id,
-                rpc: SocketAddr::from(([127, 0, 0, 1], r)),
+                rpc: SocketAddr::new(host.parse()?, r),
                 child: None,
                 paused: false,
             });
@@ -75,6 +127,7 @@ impl LocalCluster {
         dsys_runtime::init_cluster_certs(&dir.join("certs"), &ids)
             .map_err(|e| anyhow::anyhow!("certificates: {e}"))?;
         Ok(LocalCluster {
+            netns,
             exe,
             dir: dir.to_path_buf(),
             config,
@@ -100,7 +153,16 @@ impl LocalCluster {
             .create(true)
             .append(true)
             .open(self.dir.join("logs").join(format!("{}.log", nd.id)))?;
-        let child = Command::new(&self.exe)
+        let mut cmd = if self.netns {
+            let mut c = Command::new("ip");
+            // `ip netns exec` execs the program, so the child's pid is the agent's.
+            c.args(["netns", "exec", &format!("dsys-{}", nd.id)])
+                .arg(&self.exe);
+            c
+        } else {
+            Command::new(&self.exe)
+        };
+        let child = cmd
             .arg("--config")
             .arg(&self.config)
             .args(["agent", "--node", &nd.id])
@@ -163,6 +225,64 @@ impl LocalCluster {
             }
         }
         out
+    }
+
+    /// Multi-host mode only: cut `a` from `b` with nft drop rules in every node namespace.
+    pub(crate) fn nft_partition(&self, a: &[usize], b: &[usize]) -> anyhow::Result<()> {
+        let addr = |i: &usize| format!("{NETNS_NET}.{}", i + 1);
+        for (mine, other) in [(a, b), (b, a)] {
+            let set = other.iter().map(addr).collect::<Vec<_>>().join(", ");
+            for i in mine {
+                let script = format!(
+                    "table inet {NFT_TABLE}\ndelete table inet {NFT_TABLE}\n\
+                     table inet {NFT_TABLE} {{\n\
+                     chain input {{ type filter hook input priority 0; policy accept; ip saddr {{ {set} }} drop; }}\n\
+                     chain output {{ type filter hook output priority 0; policy accept; ip daddr {{ {set} }} drop; }}\n}}\n"
+                );
+                self.nft(*i, &script)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Multi-host mode only: remove the drop rules from every node namespace.
+    pub(crate) fn nft_heal(&self) -> anyhow::Result<()> {
+        for i in 0..self.nodes.len() {
+            self.nft(
+                i,
+                &format!("table inet {NFT_TABLE}\ndelete table inet {NFT_TABLE}\n"),
+            )?;
+        }
+        Ok(())
+    }
+
+    fn nft(&self, i: usize, script: &str) -> anyhow::Result<()> {
+        use std::io::Write;
+        let ns = format!("dsys-{}", self.nodes[i].id);
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &ns, "nft", "-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("running nft (install nftables, or use scripts/netns-cluster.sh up)")?;
+        child
+            .stdin
+            .take()
+            .context("nft stdin")?
+            .write_all(script.as_bytes())?;
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            bail!(
+                "nft in {ns}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(())
+    }
+
+    pub(crate) fn netns(&self) -> bool {
+        self.netns
     }
 
     /// Kill every child.

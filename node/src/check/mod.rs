@@ -198,6 +198,9 @@ pub struct CheckOptions {
     pub timeout: Duration,
     /// Print the report as JSON.
     pub json: bool,
+    /// Multi-host mode: nodes in the namespaces of `scripts/netns-cluster.sh`, partitions
+    /// cut with nft.
+    pub netns: bool,
 }
 
 impl CheckOptions {
@@ -230,6 +233,9 @@ impl CheckOptions {
         }
         if self.timeout < Duration::from_millis(100) || self.timeout > Duration::from_secs(60) {
             return Err("--timeout must be 100ms..=60s".into());
+        }
+        if self.netns {
+            cluster::netns_ready(self.nodes)?;
         }
         Ok(())
     }
@@ -507,6 +513,7 @@ pub async fn run(opts: CheckOptions) -> anyhow::Result<u8> {
         &dir,
         opts.nodes,
         &workload.config(),
+        opts.netns,
     )?));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing a SIGTERM handler")?;

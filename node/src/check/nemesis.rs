@@ -1,7 +1,9 @@
 //! The nemesis: a seeded schedule of faults, one at a time (quiet gap, fault, undo, wait
 //! until every node sees every other alive again), recorded in the history. Partitions and
-//! delays go to every node as `SysRequest::Chaos` (the transport's fault injection); kills
-//! are SIGKILL and a restart on the same ports and data; pauses are SIGSTOP/SIGCONT.
+//! delays go to every node as `SysRequest::Chaos` (the transport's fault injection); in
+//! multi-host mode (`--netns`) partitions are nft drop rules inside the node namespaces
+//! instead. Kills are SIGKILL and a restart on the same ports and data; pauses are
+//! SIGSTOP/SIGCONT.
 //! Bridge partitions (one node seeing both sides) are not offered: the runtime's fault rules
 //! only express disjoint groups.
 
@@ -194,11 +196,26 @@ impl Nemesis {
                 b.sort();
                 let groups = vec![self.names(&a), self.names(&b)];
                 let detail = format!("{shape}: {} | {}", groups[0].join(","), groups[1].join(","));
-                let applied = self.broadcast(&FaultCommand::Partition(groups)).await;
+                let netns = self.lock().netns();
+                let applied = if netns {
+                    // Real packets dropped by nft inside the node namespaces.
+                    match self.lock().nft_partition(&a, &b) {
+                        Ok(()) => n,
+                        Err(e) => {
+                            eprintln!("nemesis: {e:#}");
+                            0
+                        }
+                    }
+                } else {
+                    self.broadcast(&FaultCommand::Partition(groups)).await
+                };
                 let f = self.ctx.rec.fault(
                     "partition",
                     self.names(&a),
-                    format!("{detail} (applied on {applied} of {n})"),
+                    format!(
+                        "{detail} ({} applied on {applied} of {n})",
+                        if netns { "nft" } else { "transport" }
+                    ),
                 );
                 Some((f, a))
             }
@@ -239,6 +256,11 @@ impl Nemesis {
                     let _ = c.resume(*i);
                 }
             }
+            FaultKind::Partition if self.lock().netns() => {
+                if let Err(e) = self.lock().nft_heal() {
+                    eprintln!("nemesis: {e:#}");
+                }
+            }
             FaultKind::Partition | FaultKind::Delay => {
                 self.broadcast(&FaultCommand::Heal).await;
             }
@@ -255,6 +277,11 @@ impl Nemesis {
             for i in 0..self.n() {
                 let _ = c.resume(i);
                 let _ = c.spawn(i);
+            }
+            if c.netns() {
+                if let Err(e) = c.nft_heal() {
+                    eprintln!("heal: {e:#}");
+                }
             }
             crashed
         };
