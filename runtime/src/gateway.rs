@@ -127,6 +127,16 @@ async fn metrics_page(State(s): State<Arc<GatewayState>>) -> impl IntoResponse {
         let n = view.members.values().filter(|m| m.state == state).count();
         s.metrics.set("dsys_members", &[("state", name)], n as u64);
     }
+    let rules = s.sys.faults.rules();
+    for (kind, n) in [
+        ("partition", usize::from(!rules.partition.is_empty())),
+        ("delay", rules.delay_ms.len()),
+        ("drop", rules.drop.len()),
+    ] {
+        s.metrics
+            .set("dsys_faults_active", &[("kind", kind)], n as u64);
+    }
+    s.sys.host.export_metrics(&s.metrics);
     for (name, _, restarts) in s.sys.host.statuses() {
         s.metrics.set(
             "dsys_plugin_restarts",
@@ -151,6 +161,16 @@ pub(crate) fn serve(
         "dsys_members",
         "gauge",
         "Members by state, as this node sees them",
+    );
+    metrics.describe(
+        "dsys_faults_active",
+        "gauge",
+        "Fault-injection rules in force on this node (partition: 0/1; delay, drop: peers affected)",
+    );
+    metrics.describe(
+        "dsys_plugin_requests_total",
+        "counter",
+        "Requests served by this node's plugins (local and remote callers), by outcome",
     );
     metrics.describe(
         "dsys_plugin_restarts",

@@ -77,6 +77,16 @@ impl Metrics {
             .fetch_add(n, Ordering::Relaxed);
     }
 
+    /// Set a counter to `v`: for a plugin exporting a count it keeps itself (see
+    /// [`crate::Plugin::export_metrics`]). It may go down only when the plugin restarts,
+    /// which Prometheus reads as a counter reset.
+    pub fn set_counter(&self, name: &str, l: &[(&str, &str)], v: u64) {
+        self.counters
+            .entry((name.to_string(), labels(l)))
+            .or_default()
+            .store(v, Ordering::Relaxed);
+    }
+
     /// Set a gauge.
     pub fn set(&self, name: &str, l: &[(&str, &str)], v: u64) {
         self.gauges

@@ -66,6 +66,11 @@ pub trait Plugin: Sized + Send + Sync + 'static {
     fn panel(&self) -> Option<Panel> {
         None
     }
+
+    /// Put this plugin's own counts into the node's registry just before `/metrics` is
+    /// rendered (with [`Metrics::set_counter`] / [`Metrics::set`]); for counts kept in the
+    /// plugin's state rather than added to the registry as they happen.
+    fn export_metrics(&self, _metrics: &Metrics) {}
 }
 
 /// What a plugin gets from the runtime.
@@ -131,6 +136,7 @@ trait Instance: Send + Sync {
     async fn handle(&self, caller: Caller, body: &[u8]) -> Result<Vec<u8>, RpcError>;
     async fn on_event(&self, ev: ClusterEvent);
     fn panel(&self) -> Option<Panel>;
+    fn export_metrics(&self, m: &Metrics);
 }
 
 #[async_trait::async_trait]
@@ -145,6 +151,9 @@ impl<P: Plugin> Instance for P {
     }
     fn panel(&self) -> Option<Panel> {
         Plugin::panel(self)
+    }
+    fn export_metrics(&self, m: &Metrics) {
+        Plugin::export_metrics(self, m)
     }
 }
 
@@ -375,6 +384,15 @@ impl PluginHost {
         v
     }
 
+    /// Let every running plugin export its own counts into `m` (before `/metrics` renders).
+    pub fn export_metrics(&self, m: &Metrics) {
+        for s in self.shared.slots.values() {
+            if let Some(i) = s.instance() {
+                i.export_metrics(m);
+            }
+        }
+    }
+
     /// (requests served, requests failed) by this node's plugins since it started.
     pub fn request_counts(&self) -> (u64, u64) {
         (
@@ -581,6 +599,11 @@ impl Actor for Supervisor {
             "Plugin restarts by the supervisor",
         );
         for name in shared.slots.keys() {
+            // Present from the start (at 0), so a scrape sees every plugin's series.
+            shared
+                .ctx
+                .metrics
+                .add("dsys_plugin_restarts_total", &[("plugin", name)], 0);
             myself.cast(SupMsg::Start(name))?;
         }
         Ok(SupState {

@@ -207,7 +207,7 @@ impl Transport {
         metrics.describe(
             "dsys_rpc_requests_total",
             "counter",
-            "RPC requests served, by plugin and outcome",
+            "RPC requests served, by plugin, calling peer and outcome",
         );
         metrics.describe(
             "dsys_rpc_server_seconds",
@@ -217,7 +217,12 @@ impl Transport {
         metrics.describe(
             "dsys_rpc_client_seconds",
             "histogram",
-            "Round-trip time of outgoing RPCs, by peer",
+            "Round-trip time of outgoing RPCs, by plugin and peer",
+        );
+        metrics.describe(
+            "dsys_rpc_client_requests_total",
+            "counter",
+            "Outgoing RPCs, by plugin, peer and outcome (ok, refused, timeout, unreachable, error)",
         );
         Ok(Arc::new(Transport {
             me: me.to_string(),
@@ -285,6 +290,7 @@ impl Transport {
         timeout: Duration,
     ) -> Result<Vec<u8>, RpcError> {
         let start = Instant::now();
+        let plugin = req.plugin.clone();
         let fut = async {
             match self.faults.verdict(peer) {
                 Verdict::Drop => {
@@ -308,8 +314,20 @@ impl Transport {
         }
         self.metrics.observe(
             "dsys_rpc_client_seconds",
-            &[("peer", peer)],
+            &[("plugin", &plugin), ("peer", peer)],
             start.elapsed().as_secs_f64(),
+        );
+        let outcome = match &r {
+            Ok(_) => "ok",
+            Err(RpcError::Refused(_)) => "refused",
+            Err(RpcError::Timeout(_)) => "timeout",
+            Err(RpcError::Unreachable(_)) => "unreachable",
+            Err(_) => "error",
+        };
+        self.metrics.add(
+            "dsys_rpc_client_requests_total",
+            &[("plugin", &plugin), ("peer", peer), ("outcome", outcome)],
+            1,
         );
         r
     }
@@ -401,7 +419,11 @@ impl Transport {
         };
         self.metrics.add(
             "dsys_rpc_requests_total",
-            &[("plugin", &plugin), ("outcome", outcome)],
+            &[
+                ("plugin", &plugin),
+                ("peer", peer.as_deref().unwrap_or("unknown")),
+                ("outcome", outcome),
+            ],
             1,
         );
         self.metrics.observe(

@@ -22,7 +22,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use dsys_runtime::{Caller, MemberState, Plugin, PluginContext, RpcError};
+use dsys_runtime::{Caller, MemberState, Metrics, Panel, Plugin, PluginContext, RpcError};
 use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
 use openraft::{BasicNode, ChangeMembers, ServerState, SnapshotPolicy};
 use serde::Deserialize;
@@ -843,6 +843,25 @@ impl Plugin for ConsensusPlugin {
             .plugin_config::<ConsensusConfig>("consensus")
             .map_err(|e| e.to_string())?
             .with_defaults(&nodes)?;
+        for (name, help) in [
+            ("dsys_raft_term", "Current Raft term on this node"),
+            (
+                "dsys_raft_is_leader",
+                "1 while this node is the Raft leader",
+            ),
+            (
+                "dsys_raft_last_log_index",
+                "Last index in this node's Raft log",
+            ),
+            (
+                "dsys_raft_applied_index",
+                "Last index applied to this node's state machine",
+            ),
+            ("dsys_raft_revision", "State-machine revision applied here"),
+            ("dsys_raft_keys", "Keys in this node's state machine"),
+        ] {
+            ctx.metrics.describe(name, "gauge", help);
+        }
         let me = ctx.node_id.clone();
         let my_id = raft_id(&me);
         let (log, recovery) = LogStore::open(ctx.data_dir.join("log")).await?;
@@ -887,7 +906,96 @@ impl Plugin for ConsensusPlugin {
             tokio::spawn(initializer(Arc::downgrade(&inner)));
         }
         tokio::spawn(lease_loop(Arc::downgrade(&inner)));
+        tokio::spawn(leader_watch(Arc::downgrade(&inner)));
         Ok(ConsensusPlugin { inner })
+    }
+
+    fn export_metrics(&self, out: &Metrics) {
+        let i = &self.inner;
+        let m = i.metrics();
+        out.set("dsys_raft_term", &[], m.current_term);
+        out.set(
+            "dsys_raft_is_leader",
+            &[],
+            u64::from(m.state == ServerState::Leader),
+        );
+        out.set(
+            "dsys_raft_last_log_index",
+            &[],
+            m.last_log_index.unwrap_or(0),
+        );
+        out.set(
+            "dsys_raft_applied_index",
+            &[],
+            m.last_applied.map_or(0, |l| l.index),
+        );
+        let (revision, keys) = i.sm.read(|s| (s.state.revision(), s.state.len() as u64));
+        out.set("dsys_raft_revision", &[], revision);
+        out.set("dsys_raft_keys", &[], keys);
+    }
+
+    fn panel(&self) -> Option<Panel> {
+        let i = &self.inner;
+        let m = i.metrics();
+        let idx =
+            |l: Option<openraft::LogId<u64>>| l.map_or("-".to_string(), |l| l.index.to_string());
+        let mem = m.membership_config.membership();
+        let name = |id: &u64| {
+            mem.get_node(id)
+                .map(|n| n.addr.clone())
+                .unwrap_or_else(|| format!("#{id}"))
+        };
+        let (revision, keys, leases) = i.sm.read(|s| {
+            (
+                s.state.revision(),
+                s.state.len() as u64,
+                s.state.leases().len() as u64,
+            )
+        });
+        // The leader knows how far each member's log matches its own.
+        let progress = m.replication.as_ref().map(|r| {
+            let mut rows: Vec<Vec<String>> = r
+                .iter()
+                .map(|(id, matched)| {
+                    vec![
+                        name(id),
+                        if mem.voter_ids().any(|v| v == *id) {
+                            "voter"
+                        } else {
+                            "learner"
+                        }
+                        .to_string(),
+                        idx(*matched),
+                    ]
+                })
+                .collect();
+            rows.sort();
+            rows
+        });
+        let mut p = Panel::new("Raft (etcd-like state machine)")
+            .stat("role", state_name(m.state))
+            .stat(
+                "leader",
+                m.current_leader.as_ref().map_or("none".to_string(), name),
+            )
+            .stat("term", m.current_term)
+            .stat(
+                "last log index",
+                m.last_log_index.map_or("-".to_string(), |i| i.to_string()),
+            )
+            .stat("applied", idx(m.last_applied))
+            .stat("snapshot", idx(m.snapshot))
+            .stat("revision", revision)
+            .stat("keys", keys)
+            .stat("leases", leases);
+        if let Some(rows) = progress {
+            p = p.table(
+                "Replication (matched log index per member)",
+                &["member", "role", "matched"],
+                rows,
+            );
+        }
+        Some(p)
     }
 
     async fn handle(
@@ -920,6 +1028,37 @@ impl Plugin for ConsensusPlugin {
                 "Raft messages are accepted from cluster nodes only",
             )),
             req => i.client(req, 0).await,
+        }
+    }
+}
+
+/// Put leader changes on the node's timeline.
+async fn leader_watch(weak: std::sync::Weak<Inner>) {
+    let Some(mut rx) = weak.upgrade().map(|i| i.raft.metrics()) else {
+        return;
+    };
+    let mut last: Option<(Option<u64>, u64)> = None;
+    loop {
+        let (leader, term) = {
+            let m = rx.borrow_and_update();
+            (m.current_leader, m.current_term)
+        };
+        if last != Some((leader, term)) && (leader.is_some() || last.is_some()) {
+            let Some(inner) = weak.upgrade() else { return };
+            let who = leader
+                .and_then(|l| inner.name_of(l))
+                .unwrap_or_else(|| "none".into());
+            if last.map(|l| l.0) != Some(leader) {
+                inner.ctx.timeline.record(
+                    "consensus",
+                    &inner.me,
+                    format!("leader is {who} (term {term})"),
+                );
+            }
+            last = Some((leader, term));
+        }
+        if rx.changed().await.is_err() {
+            return;
         }
     }
 }

@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use dsys_runtime::{Caller, ClusterEvent, Panel, Plugin, PluginContext, RpcError};
+use dsys_runtime::{Caller, ClusterEvent, Metrics, Panel, Plugin, PluginContext, RpcError};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
@@ -465,6 +465,52 @@ impl Plugin for KvPlugin {
 
     async fn start(ctx: PluginContext) -> Result<Self, String> {
         let cfg: KvConfig = ctx.plugin_config("kv").map_err(|e| e.to_string())?;
+        for (name, kind, help) in [
+            ("dsys_kv_keys", "gauge", "Live keys stored on this node"),
+            (
+                "dsys_kv_tombstones",
+                "gauge",
+                "Tombstones kept on this node",
+            ),
+            (
+                "dsys_kv_hints_pending",
+                "gauge",
+                "Hinted-handoff writes waiting for their replica",
+            ),
+            (
+                "dsys_kv_hints_delivered_total",
+                "counter",
+                "Hints delivered to their replica",
+            ),
+            (
+                "dsys_kv_read_repairs_total",
+                "counter",
+                "Stale replicas repaired by reads",
+            ),
+            (
+                "dsys_kv_rereplicated_items_total",
+                "counter",
+                "Items pushed to replicas by anti-entropy",
+            ),
+            (
+                "dsys_kv_snapshots_total",
+                "counter",
+                "Store snapshots written",
+            ),
+            (
+                "dsys_kv_anti_entropy_exchanges_total",
+                "counter",
+                "Merkle exchanges this node started",
+            ),
+            (
+                "dsys_kv_anti_entropy_bytes_total",
+                "counter",
+                "Bytes those exchanges moved",
+            ),
+            ("dsys_kv_wal_lsn", "gauge", "Last LSN of this node's kv WAL"),
+        ] {
+            ctx.metrics.describe(name, kind, help);
+        }
         cfg.validate()?;
         tokio::fs::create_dir_all(&ctx.data_dir)
             .await
@@ -598,6 +644,20 @@ impl Plugin for KvPlugin {
         ) {
             self.inner.ae.trigger();
         }
+    }
+
+    fn export_metrics(&self, m: &Metrics) {
+        let st = self.inner.stats();
+        m.set("dsys_kv_keys", &[], st.keys);
+        m.set("dsys_kv_tombstones", &[], st.tombstones);
+        m.set("dsys_kv_hints_pending", &[], st.hints);
+        m.set_counter("dsys_kv_hints_delivered_total", &[], st.hints_delivered);
+        m.set_counter("dsys_kv_read_repairs_total", &[], st.read_repairs);
+        m.set_counter("dsys_kv_rereplicated_items_total", &[], st.rebalanced);
+        m.set_counter("dsys_kv_snapshots_total", &[], st.snapshots);
+        m.set_counter("dsys_kv_anti_entropy_exchanges_total", &[], st.ae_exchanges);
+        m.set_counter("dsys_kv_anti_entropy_bytes_total", &[], st.ae_bytes);
+        m.set("dsys_kv_wal_lsn", &[], st.wal_lsn);
     }
 
     fn panel(&self) -> Option<Panel> {

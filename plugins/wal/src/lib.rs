@@ -105,6 +105,7 @@ impl Plugin for WalPlugin {
             "counter",
             "Records appended to the node's WAL through the wal plugin",
         );
+        ctx.metrics.add("dsys_wal_appends_total", &[], 0);
         Ok(WalPlugin { ctx, wal, recovery })
     }
 

@@ -3,6 +3,7 @@
 mod bad_input;
 mod kv;
 mod membership;
+mod metrics;
 mod ratelimit;
 mod security;
 mod supervision;
