@@ -4,8 +4,8 @@
 //! multi-host mode (`--netns`) partitions are nft drop rules inside the node namespaces
 //! instead. Kills are SIGKILL and a restart on the same ports and data; pauses are
 //! SIGSTOP/SIGCONT.
-//! Bridge partitions (one node seeing both sides) are not offered: the runtime's fault rules
-//! only express disjoint groups.
+//! Bridge partitions (one node seeing both sides) exist only in multi-host mode: the
+//! runtime's fault rules express disjoint groups, nft rules per namespace can cut pairs.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -183,20 +183,32 @@ impl Nemesis {
             }
             FaultKind::Partition => {
                 let n = self.n();
+                let netns = self.lock().netns();
                 let mut idx: Vec<usize> = (0..n).collect();
                 idx.shuffle(&mut self.rng);
-                let (shape, k) = match self.rng.gen_range(0..3) {
-                    0 => ("majority/minority", (n - 1) / 2),
-                    1 => ("one node isolated", 1),
-                    _ => ("random halves", self.rng.gen_range(1..n)),
+                // A bridge (one node that sees both sides) needs rules per pair of nodes:
+                // nft in the namespaces can, the transport's disjoint groups cannot.
+                let shapes = if netns { 4 } else { 3 };
+                let (shape, bridge, k) = match self.rng.gen_range(0..shapes) {
+                    0 => ("majority/minority", None, (n - 1) / 2),
+                    1 => ("one node isolated", None, 1),
+                    2 => ("random halves", None, self.rng.gen_range(1..n)),
+                    _ => ("bridge", Some(idx.remove(0)), (n - 1) / 2),
                 };
                 let mut a: Vec<usize> = idx[..k].to_vec();
                 let mut b: Vec<usize> = idx[k..].to_vec();
                 a.sort();
                 b.sort();
                 let groups = vec![self.names(&a), self.names(&b)];
-                let detail = format!("{shape}: {} | {}", groups[0].join(","), groups[1].join(","));
-                let netns = self.lock().netns();
+                let detail = match bridge {
+                    Some(x) => format!(
+                        "{shape}: {} | {} with {} seeing both",
+                        groups[0].join(","),
+                        groups[1].join(","),
+                        self.ctx.nodes[x].0
+                    ),
+                    None => format!("{shape}: {} | {}", groups[0].join(","), groups[1].join(",")),
+                };
                 let applied = if netns {
                     // Real packets dropped by nft inside the node namespaces.
                     match self.lock().nft_partition(&a, &b) {
