@@ -634,7 +634,9 @@ impl Inner {
     async fn fail_over(&self, primary: &str, err: &str, cmds: Vec<Vec<Vec<u8>>>) -> Vec<Frame> {
         let ring = self.ctx.ring();
         let n = cmds.len();
-        let mut groups: Vec<(Option<String>, Vec<usize>, Vec<Vec<Vec<u8>>>)> = Vec::new();
+        // (replica, positions in `cmds`, commands)
+        type Group = (Option<String>, Vec<usize>, Vec<Vec<Vec<u8>>>);
+        let mut groups: Vec<Group> = Vec::new();
         for (i, cmd) in cmds.into_iter().enumerate() {
             // Every key of a forwarded command has the same primary and replica (multi-key
             // commands are split by both), so the first key decides.

@@ -944,7 +944,7 @@ mod tests {
                             let cur = m.get(&k).cloned();
                             let o = s.set(&k, v.clone(), opts, now).expect("set");
                             prop_assert_eq!(o.old, cur.as_ref().map(|c| c.0.clone()));
-                            let write = !(opts.nx && cur.is_some()) && !(opts.xx && cur.is_none());
+                            let write = !(opts.nx && cur.is_some() || opts.xx && cur.is_none());
                             prop_assert_eq!(o.written, write);
                             if write {
                                 let at = if opts.keep_ttl { cur.and_then(|c| c.1) } else { opts.expire_at };
