@@ -32,7 +32,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use dsys_plugin_kv::{KvApi, KvRequest, KvResponse};
-use dsys_runtime::{Caller, Plugin, PluginContext, Ring, RpcError};
+use dsys_runtime::{Caller, Metrics, Plugin, PluginContext, Ring, RpcError};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -923,17 +923,16 @@ impl Inner {
         }
     }
 
-    fn publish_metrics(&self) {
+    fn export_metrics(&self, m: &Metrics) {
         let s = self.stats();
-        let m = &self.ctx.metrics;
-        m.set("dsys_cache_hits", &[], s.hits);
-        m.set("dsys_cache_misses", &[], s.misses);
-        m.set("dsys_cache_evictions", &[], s.evictions);
-        m.set("dsys_cache_expired", &[], s.expired);
+        m.set_counter("dsys_cache_hits_total", &[], s.hits);
+        m.set_counter("dsys_cache_misses_total", &[], s.misses);
+        m.set_counter("dsys_cache_evictions_total", &[], s.evictions);
+        m.set_counter("dsys_cache_expired_total", &[], s.expired);
+        m.set_counter("dsys_cache_loads_total", &[], s.loads);
         m.set("dsys_cache_keys", &[], s.keys);
         m.set("dsys_cache_used_memory_bytes", &[], s.used_memory);
         m.set("dsys_cache_clients", &[], s.clients);
-        m.set("dsys_cache_loads", &[], s.loads);
     }
 }
 
@@ -1152,6 +1151,10 @@ async fn accept_loop(inner: Arc<Inner>, listener: TcpListener, stop_rx: watch::R
 impl Plugin for CachePlugin {
     type Api = CacheApi;
 
+    fn export_metrics(&self, m: &Metrics) {
+        self.inner.export_metrics(m);
+    }
+
     async fn start(ctx: PluginContext) -> Result<Self, String> {
         let cfg: CacheConfig = ctx.plugin_config("cache").map_err(|e| e.to_string())?;
         cfg.validate()?;
@@ -1174,26 +1177,41 @@ impl Plugin for CachePlugin {
             max_bulk: cfg.max_bulk_bytes,
             ..Limits::default()
         };
-        for (name, help) in [
-            ("dsys_cache_hits", "Cache reads that found the key"),
-            ("dsys_cache_misses", "Cache reads that did not find the key"),
+        for (name, kind, help) in [
             (
-                "dsys_cache_evictions",
+                "dsys_cache_hits_total",
+                "counter",
+                "Cache reads that found the key",
+            ),
+            (
+                "dsys_cache_misses_total",
+                "counter",
+                "Cache reads that did not find the key",
+            ),
+            (
+                "dsys_cache_evictions_total",
+                "counter",
                 "Keys evicted to stay under maxmemory",
             ),
             (
-                "dsys_cache_expired",
+                "dsys_cache_expired_total",
+                "counter",
                 "Keys removed because their TTL passed",
             ),
-            ("dsys_cache_keys", "Keys held by this node"),
+            (
+                "dsys_cache_loads_total",
+                "counter",
+                "Values loaded from kv by read-through",
+            ),
+            ("dsys_cache_keys", "gauge", "Keys held by this node"),
             (
                 "dsys_cache_used_memory_bytes",
+                "gauge",
                 "Approximate bytes used by the cache",
             ),
-            ("dsys_cache_clients", "Open RESP connections"),
-            ("dsys_cache_loads", "Values loaded from kv by read-through"),
+            ("dsys_cache_clients", "gauge", "Open RESP connections"),
         ] {
-            ctx.metrics.describe(name, "gauge", help);
+            ctx.metrics.describe(name, kind, help);
         }
         tracing::info!(node = %ctx.node_id, port = bound, "cache: RESP listening");
         let inner = Arc::new(Inner {
@@ -1226,7 +1244,6 @@ impl Plugin for CachePlugin {
                         break;
                     }
                 }
-                inner.publish_metrics();
                 inner.maybe_hand_off();
             }
         }));
