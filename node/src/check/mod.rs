@@ -630,12 +630,27 @@ async fn run_inner(
     };
     let recovered_ns = ctx.now_ns();
     let history = rec.snapshot();
-    eprintln!("checking {} events...", history.events.len());
+    // The cluster's work is done: free the CPU for the checker, and keep the history even
+    // if the checker is interrupted.
+    cluster.lock().unwrap_or_else(|p| p.into_inner()).kill_all();
+    std::fs::write(
+        dir.join("history.json"),
+        serde_json::to_vec_pretty(&history)?,
+    )
+    .context("writing history.json")?;
+    eprintln!(
+        "checking {} events (history in {})...",
+        history.events.len(),
+        dir.join("history.json").display()
+    );
     let wl = workload.clone();
     let h2 = history.clone();
-    let mut verdict = tokio::task::spawn_blocking(move || wl.check(&h2))
-        .await
-        .context("the checker panicked")?;
+    // A plain thread, not spawn_blocking: on Ctrl-C the runtime must not wait for it.
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(wl.check(&h2));
+    });
+    let mut verdict = rx.await.context("the checker panicked")?;
     if let Err(e) = finish {
         if verdict.valid == Some(true) {
             verdict = Verdict::unknown(format!("final reads failed ({e}); {}", verdict.summary));
@@ -653,11 +668,6 @@ async fn run_inner(
         crashed,
         run_dir: &dir,
     });
-    std::fs::write(
-        dir.join("history.json"),
-        serde_json::to_vec_pretty(&history)?,
-    )
-    .context("writing history.json")?;
     std::fs::write(dir.join("report.json"), serde_json::to_vec_pretty(&report)?)
         .context("writing report.json")?;
     if opts.json {

@@ -48,7 +48,7 @@ impl Nemesis {
             cluster,
             ctx,
             kinds,
-            rng: StdRng::seed_from_u64(seed ^ 0x6e65_6d65_7369_73),
+            rng: StdRng::seed_from_u64(seed ^ 0x006e_656d_6573_6973),
             sys,
             quiet,
         })
