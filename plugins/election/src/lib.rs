@@ -70,6 +70,7 @@ struct Campaign {
 
 struct Inner {
     me: String,
+    timeline: Arc<dsys_runtime::Timeline>,
     cx: Consensus,
     sessions: Sessions<Campaign>,
     /// Every election as this node last read it: (name, leader, candidates).
@@ -127,7 +128,11 @@ impl Inner {
                 guard.disarm();
                 c.leading = true;
                 self.sessions.set_info(lease, c);
-                self.ctx_timeline(name, term);
+                self.timeline.record(
+                    "election",
+                    &self.me,
+                    format!("elected leader of {name} (term {term})"),
+                );
                 Ok(ElectionResponse::Elected {
                     name: name.to_string(),
                     term,
@@ -145,10 +150,6 @@ impl Inner {
                 })
             }
         }
-    }
-
-    fn ctx_timeline(&self, name: &str, term: u64) {
-        tracing::info!(election = name, term, node = %self.me, "elected");
     }
 
     async fn resign(&self, name: &str, term: u64) -> Result<ElectionResponse, RpcError> {
@@ -306,6 +307,7 @@ impl Plugin for ElectionPlugin {
     async fn start(ctx: PluginContext) -> Result<Self, String> {
         let inner = Arc::new(Inner {
             me: ctx.node_id.clone(),
+            timeline: ctx.timeline.clone(),
             cx: Consensus::new(ctx.rpc.clone()),
             sessions: Sessions::default(),
             view: Mutex::new(Vec::new()),

@@ -44,9 +44,9 @@ impl Observer {
         }
     }
 
-    /// Step back over `events` (in revision order, all after the state held here... up to
-    /// it): the key set as it was just before the first of them. Election keys are created
-    /// and deleted, never rewritten, so a put is undone by removing a created key.
+    /// Step back over `events` (in revision order, ending at the revision this key set was
+    /// read at): the key set as it was just before the first of them. Election keys are
+    /// created and deleted, never rewritten, so a put is undone by removing a created key.
     pub fn undo(&mut self, events: &[Event]) {
         for e in events.iter().rev() {
             match e.kind {

@@ -157,6 +157,14 @@ impl Inner {
                             .update(&key, mine.mod_revision, &value.encode(), mine.lease)
                             .await?
                         {
+                            // Renew the grant's lease (the first acquire's) and report its TTL.
+                            let ttl_ms = match self.cx.keep_alive(e.lease).await {
+                                Ok(t) => t,
+                                Err(err) => {
+                                    tracing::info!("renewing a reentrant grant of {name}: {err}");
+                                    ttl_ms
+                                }
+                            };
                             return Ok(LockResponse::Granted {
                                 name: name.to_string(),
                                 token: mine.create_revision,
