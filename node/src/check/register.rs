@@ -21,8 +21,11 @@ use stateright::semantics::{ConsistencyTester, LinearizabilityTester, Sequential
 use super::history::{Event, EventType, History, Op};
 use super::{Ctx, Verdict, Worker, Workload};
 
-/// Operations per key before clients move to a fresh key...
-const OPS_PER_KEY: u64 = 30;
+/// Operations per key before clients move to a fresh key... stateright's search has no
+/// memoization: proving a history of m concurrent operations (5 clients) non-linearizable
+/// took 0.05 s for m = 8, 1.7 s for 12 and over 10 s for 16 in a debug build, so keys stay
+/// short enough that a violation is found, not just timed out.
+const OPS_PER_KEY: u64 = 10;
 /// ...or this much time, whichever comes first: during a fault operations are slow and many
 /// end unknown, and unknown operations are what makes the search expensive.
 const KEY_NS: u64 = 2_000_000_000;
@@ -523,6 +526,81 @@ mod tests {
             .ok(0, "read", a(json!(1)))
             .build();
         assert_eq!(check(&h).valid, Some(true));
+    }
+
+    /// A linearizable history of one key's worth of operations by five overlapping clients,
+    /// made by simulating a register (each op takes effect at a point inside its interval).
+    fn simulated(ops: usize, seed: u64) -> History {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        // (time, kind 0 invoke / 1 effect / 2 complete, process, op)
+        let mut evs: Vec<(u64, u8, u64, RegOp)> = Vec::new();
+        let mut free_at = [0u64; 5];
+        for i in 0..ops {
+            let p = i % 5;
+            let start = free_at[p] + rng.gen_range(0..3);
+            let effect = start + rng.gen_range(1..6);
+            let end = effect + rng.gen_range(1..6);
+            free_at[p] = end + 1;
+            let op = match rng.gen_range(0..3) {
+                0 => RegOp::Read,
+                1 => RegOp::Write(rng.gen_range(0..VALUES)),
+                _ => RegOp::Cas(rng.gen_range(0..VALUES), rng.gen_range(0..VALUES)),
+            };
+            evs.push((start * 10, 0, p as u64, op.clone()));
+            evs.push((effect * 10 + 1, 1, p as u64, op.clone()));
+            evs.push((end * 10 + 2, 2, p as u64, op));
+        }
+        evs.sort_by_key(|e| (e.0, e.1));
+        let mut reg = RegisterSpec(None);
+        let mut rets: BTreeMap<u64, RegRet> = BTreeMap::new();
+        let mut b = HistoryBuilder::new();
+        for (_, kind, p, op) in evs {
+            let (f, v) = match &op {
+                RegOp::Read => ("read", Value::Null),
+                RegOp::Write(x) => ("write", json!(x)),
+                RegOp::Cas(a, c) => ("cas", json!([a, c])),
+            };
+            match kind {
+                0 => {
+                    b.invoke(p, f, kv(v));
+                }
+                1 => {
+                    rets.insert(p, reg.invoke(&op));
+                }
+                _ => {
+                    let out = match rets.remove(&p) {
+                        Some(RegRet::Read(x)) => json!(x),
+                        Some(RegRet::Cas(held)) => json!([v[0], v[1], held]),
+                        _ => v,
+                    };
+                    b.ok(p, f, kv(out));
+                }
+            }
+        }
+        b.build()
+    }
+
+    #[test]
+    fn a_full_key_is_decided_both_ways_within_the_budget() {
+        for seed in 0..5 {
+            let mut h = simulated(OPS_PER_KEY as usize, seed);
+            assert_eq!(check(&h).valid, Some(true), "seed {seed}");
+            // The last completed operation becomes a read of a value nobody wrote.
+            let last = h.events.len() - 1;
+            let p = h.events[last].process;
+            let inv = h
+                .events
+                .iter()
+                .rposition(|e| e.process == p && e.kind == EventType::Invoke)
+                .expect("invoke");
+            h.events[inv].f = "read".into();
+            h.events[inv].value = kv(Value::Null);
+            h.events[last].f = "read".into();
+            h.events[last].value = kv(json!(77));
+            let v = check(&h);
+            assert_eq!(v.valid, Some(false), "seed {seed}: {v:?}");
+        }
     }
 
     #[test]
