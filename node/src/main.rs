@@ -83,8 +83,8 @@ enum Cmd {
 
 #[derive(clap::Args, Debug)]
 struct CheckArgs {
-    /// Workload: register (consensus), set (kv), ratelimit. (unique-ids and lock need plugins
-    /// that do not exist yet.)
+    /// Workload: register (consensus), set (kv), ratelimit. (unique-ids needs an idgen plugin;
+    /// lock needs the lock plugin running in the node.)
     workload: String,
     /// Nodes of the fresh local cluster (3..=9).
     #[arg(long, default_value_t = 5)]

@@ -64,8 +64,11 @@ pub const REGISTRY: &[WorkloadEntry] = &[
 
 /// Workloads the issue asks for whose plugins do not exist yet.
 pub const MISSING: &[(&str, &str)] = &[
-    ("unique-ids", "needs the idgen plugin"),
-    ("lock", "needs the lock plugin"),
+    ("unique-ids", "needs the idgen plugin, which does not exist yet"),
+    (
+        "lock",
+        "needs the lock plugin running in the node (plugins/lock exists but dsys agent does not start it yet)",
+    ),
 ];
 
 /// The checker's answer.
@@ -210,7 +213,7 @@ impl CheckOptions {
             let missing = MISSING
                 .iter()
                 .find(|(n, _)| *n == self.workload)
-                .map(|(n, why)| format!(" (`{n}` {why}, which does not exist yet)"))
+                .map(|(n, why)| format!(" (`{n}` {why})"))
                 .unwrap_or_default();
             return Err(format!(
                 "unknown workload `{}`{missing}; available: {}",
