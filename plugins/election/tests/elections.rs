@@ -22,10 +22,13 @@ use dsys_runtime::{
 use tokio::time::Instant;
 
 const DEADLINE: Duration = Duration::from_secs(60);
+/// Lease TTL of every campaign here: short enough for a quick failover, long enough that a
+/// loaded machine stalling keep-alives for a few seconds does not end a leadership.
+const TTL_MS: u64 = 5_000;
 
 /// Clusters running at once in this test binary (each is 3-4 nodes with Raft and fsyncs;
 /// more at once on a small shared machine only measures the machine).
-static GATE: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
+static GATE: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
 
 struct Cluster {
     _gate: tokio::sync::SemaphorePermit<'static>,
@@ -184,7 +187,7 @@ impl Cluster {
             ElectionRequest::Campaign {
                 name: name.into(),
                 value: value.into(),
-                ttl_ms: 3000,
+                ttl_ms: TTL_MS,
                 wait_ms,
             },
         )
@@ -302,7 +305,7 @@ async fn one_leader_failover_on_kill_resign_hands_over_and_observe_sees_each_cha
                 .call::<ElectionApi>(&ElectionRequest::Campaign {
                     name: "e".into(),
                     value: "b".into(),
-                    ttl_ms: 3000,
+                    ttl_ms: TTL_MS,
                     wait_ms: 50_000,
                 })
                 .await;
@@ -317,7 +320,7 @@ async fn one_leader_failover_on_kill_resign_hands_over_and_observe_sees_each_cha
                 .call::<ElectionApi>(&ElectionRequest::Campaign {
                     name: "e".into(),
                     value: "c".into(),
-                    ttl_ms: 3000,
+                    ttl_ms: TTL_MS,
                     wait_ms: 50_000,
                 })
                 .await;
@@ -333,12 +336,20 @@ async fn one_leader_failover_on_kill_resign_hands_over_and_observe_sees_each_cha
     assert!(!b.is_finished() && !cc.is_finished(), "two leaders at once");
 
     // Kill the leader's node: its lease expires and b, next in line, wins with a higher term.
+    let killed = Instant::now();
     c.nodes.remove("n4").expect("n4").kill().await;
     c.clients.remove("n4");
     let tb = tokio::time::timeout(DEADLINE, b)
         .await
         .expect("b elected within the deadline")
         .expect("b");
+    // Failover time: bounded below by the lease (renewed every third of its TTL).
+    let failover = killed.elapsed();
+    eprintln!("failover after the leader's node was killed: {failover:?} (TTL {TTL_MS} ms)");
+    assert!(
+        failover >= Duration::from_millis(TTL_MS * 2 / 3 - 100),
+        "{failover:?}"
+    );
     assert!(tb > ta);
     let (l, waiting) = c.leader("n3", "e").await.expect("leader");
     assert_eq!(l.map(|l| (l.value, l.term)), Some(("b".to_string(), tb)));
