@@ -16,5 +16,7 @@ pub fn plugins() -> Vec<PluginFactory> {
         plugin_factory::<dsys_plugin_kv::KvPlugin>(),
         plugin_factory::<dsys_plugin_cache::CachePlugin>(),
         plugin_factory::<dsys_plugin_consensus::ConsensusPlugin>(),
+        plugin_factory::<dsys_plugin_lock::LockPlugin>(),
+        plugin_factory::<dsys_plugin_election::ElectionPlugin>(),
     ]
 }

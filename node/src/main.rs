@@ -9,7 +9,9 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use dsys_plugin_cache::{CacheApi, CacheCommand};
 use dsys_plugin_consensus::{ConsensusApi, ConsensusRequest, ConsensusResponse, RaftCommand};
+use dsys_plugin_election::{ElectionApi, ElectionCommand};
 use dsys_plugin_kv::{KvApi, KvCommand};
+use dsys_plugin_lock::{LockApi, LockCommand, RunError};
 use dsys_plugin_ratelimit::{RatelimitApi, RatelimitCommand};
 use dsys_plugin_ring::{RingApi, RingCommand};
 use dsys_plugin_wal::{WalApi, WalCommand};
@@ -70,6 +72,12 @@ enum Cmd {
     /// Raft consensus with an etcd-like store: keys with revisions, leases, watches, txn (design 27).
     #[command(subcommand)]
     Raft(RaftCommand),
+    /// Distributed locks with fencing tokens, on consensus (design 26).
+    #[command(subcommand)]
+    Lock(LockCommand),
+    /// Named leader elections, on consensus (design 35).
+    #[command(subcommand)]
+    Election(ElectionCommand),
     /// Inject faults into the transport and gossip of every node.
     #[command(subcommand)]
     Chaos(ChaosCmd),
@@ -329,6 +337,8 @@ async fn run(cli: Cli) -> Result<u8, Fail> {
             Some((key, prefix, from)) => raft_watch(&cli, key, prefix, from).await,
             None => call::<ConsensusApi>(&cli, c.request().map_err(usage)?).await,
         },
+        Cmd::Lock(c) => lock_cmd(&cli, c).await,
+        Cmd::Election(c) => election_cmd(&cli, c).await,
         Cmd::Bench(BenchCmd::Wal { duration, dir }) => {
             let scratch = tempfile::Builder::new()
                 .prefix("wal-bench-")
@@ -528,6 +538,66 @@ where
         println!("{}", resp.human().trim_end());
     }
     Ok(resp.exit_code() as u8)
+}
+
+async fn call_with_timeout<A: Api>(
+    cli: &Cli,
+    req: A::Request,
+    timeout: Duration,
+) -> Result<u8, Fail>
+where
+    A::Response: Render,
+{
+    let client = Client::new(&identity(cli)?, endpoints(cli)?, timeout)?;
+    let resp = client.call::<A>(&req).await?;
+    if cli.json {
+        print_json(&resp);
+    } else {
+        println!("{}", resp.human().trim_end());
+    }
+    Ok(resp.exit_code() as u8)
+}
+
+/// `dsys lock ...`; `lock run NAME -- CMD` holds the lock (with keep-alive) while CMD runs.
+async fn lock_cmd(cli: &Cli, c: &LockCommand) -> Result<u8, Fail> {
+    // The client's deadline must outlast --wait.
+    let timeout = c.client_timeout(cli.timeout);
+    if let Some(args) = c.run_args() {
+        let client = Client::new(&identity(cli)?, endpoints(cli)?, timeout)?;
+        return match dsys_plugin_lock::run_locked(&client, &args).await {
+            Ok(code) => Ok(code.clamp(0, 255) as u8),
+            Err(RunError::Usage(m)) => Err(usage(m)),
+            Err(RunError::Client(e)) => Err(e.into()),
+            Err(e) => Err(Fail(1, e.to_string())),
+        };
+    }
+    call_with_timeout::<LockApi>(cli, c.request().map_err(usage)?, timeout).await
+}
+
+/// `dsys election ...`; `observe` prints every leader change until Ctrl-C.
+async fn election_cmd(cli: &Cli, c: &ElectionCommand) -> Result<u8, Fail> {
+    let req = c.request().map_err(usage)?;
+    if let Some(name) = c.observe_name() {
+        let client = client(cli)?;
+        let wait_ms = cli
+            .timeout
+            .as_millis()
+            .saturating_sub(1000)
+            .clamp(100, 30_000) as u64;
+        let json = cli.json;
+        let fut = dsys_plugin_election::observe(&client, name, wait_ms, |l| {
+            if json {
+                println!("{}", serde_json::to_string(l).unwrap_or_default());
+            } else {
+                println!("{}", dsys_plugin_election::leader_line(name, l));
+            }
+        });
+        return tokio::select! {
+            r = fut => { r?; Ok(0) }
+            _ = tokio::signal::ctrl_c() => Ok(0),
+        };
+    }
+    call_with_timeout::<ElectionApi>(cli, req, c.client_timeout(cli.timeout)).await
 }
 
 /// `dsys raft watch`: long-poll for events from a revision on, printing each, until Ctrl-C.
