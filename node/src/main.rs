@@ -7,6 +7,10 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+
+/// The process allocator (see node/Cargo.toml for why).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use dsys_plugin_cache::{CacheApi, CacheCommand};
 use dsys_plugin_consensus::{ConsensusApi, ConsensusRequest, ConsensusResponse, RaftCommand};
 use dsys_plugin_election::{ElectionApi, ElectionCommand};
