@@ -47,13 +47,17 @@ async fn killed_node_is_dead_everywhere_then_back_with_new_generation() -> anyho
         m.generation > old_gen,
         "restart must bring a new generation"
     );
-    // n1 saw the death and the return as events, in that order.
+    // n1 saw the death and the return as events, in that order. The view is published just
+    // before the events of the same round, so wait for them rather than poll once.
     let mut seen = Vec::new();
-    while let Ok(e) = events.try_recv() {
-        match e {
-            ClusterEvent::Dead(m) if m.id == "n3" => seen.push("dead"),
-            ClusterEvent::Back(m) if m.id == "n3" => seen.push("back"),
-            _ => {}
+    let end = tokio::time::Instant::now() + Duration::from_secs(10);
+    while seen.len() < 2 {
+        match tokio::time::timeout_at(end, events.recv()).await {
+            Ok(Ok(ClusterEvent::Dead(m))) if m.id == "n3" => seen.push("dead"),
+            Ok(Ok(ClusterEvent::Back(m))) if m.id == "n3" => seen.push("back"),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => panic!("event stream: {e}"),
+            Err(_) => break,
         }
     }
     assert_eq!(seen, vec!["dead", "back"]);
