@@ -534,14 +534,7 @@ async fn call<A: Api>(cli: &Cli, req: A::Request) -> Result<u8, Fail>
 where
     A::Response: Render,
 {
-    let client = client(cli)?;
-    let resp = client.call::<A>(&req).await?;
-    if cli.json {
-        print_json(&resp);
-    } else {
-        println!("{}", resp.human().trim_end());
-    }
-    Ok(resp.exit_code() as u8)
+    call_with_timeout::<A>(cli, req, cli.timeout).await
 }
 
 async fn call_with_timeout<A: Api>(

@@ -12,12 +12,11 @@
 pub mod api;
 pub mod observe;
 
-use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use dsys_plugin_consensus::state::{Event, KeyValue};
-use dsys_plugin_lock::recipe::{queue, Abandon, Consensus, Sessions};
+use dsys_plugin_lock::recipe::{self, queue, Abandon, Consensus, Sessions};
 use dsys_runtime::{Caller, Client, ClientError, Panel, Plugin, PluginContext, RpcError};
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
@@ -280,16 +279,7 @@ async fn refresh_view(weak: Weak<Inner>) {
         let Ok((kvs, _)) = inner.cx.range(PREFIX, true).await else {
             continue;
         };
-        let mut by: BTreeMap<String, Vec<KeyValue>> = BTreeMap::new();
-        for kv in kvs {
-            let name = kv.key[PREFIX.len()..]
-                .split('/')
-                .next()
-                .unwrap_or_default()
-                .to_string();
-            by.entry(name).or_default().push(kv);
-        }
-        let view = by
+        let view = recipe::group_by_name(PREFIX, kvs)
             .into_iter()
             .map(|(name, kvs)| {
                 let q = queue(kvs);

@@ -13,7 +13,6 @@ pub mod api;
 pub mod recipe;
 mod run;
 
-use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -312,16 +311,7 @@ async fn refresh_view(weak: Weak<Inner>) {
         let Ok((kvs, revision)) = inner.cx.range(PREFIX, true).await else {
             continue;
         };
-        let mut by_lock: BTreeMap<String, Vec<KeyValue>> = BTreeMap::new();
-        for kv in kvs {
-            let name = kv.key[PREFIX.len()..]
-                .split('/')
-                .next()
-                .unwrap_or_default()
-                .to_string();
-            by_lock.entry(name).or_default().push(kv);
-        }
-        let view = by_lock
+        let view = recipe::group_by_name(PREFIX, kvs)
             .into_iter()
             .map(|(name, kvs)| status_of(&name, kvs, revision))
             .collect();

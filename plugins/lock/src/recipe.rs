@@ -10,7 +10,7 @@
 //! [`queue`]/[`predecessor`], the pure ordering; and [`Sessions`], the keep-alive tasks of
 //! the leases this node holds for its contenders.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -255,6 +255,23 @@ pub fn transient(e: &RpcError) -> bool {
         e,
         RpcError::Timeout(_) | RpcError::Unreachable(_) | RpcError::PluginUnavailable(_)
     )
+}
+
+/// Keys under `prefix` grouped by the name that follows it (`<prefix><name>/<contender>`).
+pub fn group_by_name(prefix: &str, kvs: Vec<KeyValue>) -> BTreeMap<String, Vec<KeyValue>> {
+    let mut by: BTreeMap<String, Vec<KeyValue>> = BTreeMap::new();
+    for kv in kvs {
+        let name = kv
+            .key
+            .get(prefix.len()..)
+            .unwrap_or_default()
+            .split('/')
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        by.entry(name).or_default().push(kv);
+    }
+    by
 }
 
 /// Contenders in queue order: ascending create revision.
