@@ -576,11 +576,7 @@ async fn election_cmd(cli: &Cli, c: &ElectionCommand) -> Result<u8, Fail> {
     let req = c.request().map_err(usage)?;
     if let Some(name) = c.observe_name() {
         let client = client(cli)?;
-        let wait_ms = cli
-            .timeout
-            .as_millis()
-            .saturating_sub(1000)
-            .clamp(100, 30_000) as u64;
+        let wait_ms = long_poll_ms(cli);
         let json = cli.json;
         let fut = dsys_plugin_election::observe(&client, name, wait_ms, |l| {
             if json {
@@ -597,15 +593,19 @@ async fn election_cmd(cli: &Cli, c: &ElectionCommand) -> Result<u8, Fail> {
     call_with_timeout::<ElectionApi>(cli, req, c.client_timeout(cli.timeout)).await
 }
 
+/// How long one long poll (raft watch, election observe) may wait for an event: a second
+/// less than the client's deadline, so the answer always arrives before it.
+fn long_poll_ms(cli: &Cli) -> u64 {
+    cli.timeout
+        .as_millis()
+        .saturating_sub(1000)
+        .clamp(100, 30_000) as u64
+}
+
 /// `dsys raft watch`: long-poll for events from a revision on, printing each, until Ctrl-C.
 async fn raft_watch(cli: &Cli, key: String, prefix: bool, mut from: u64) -> Result<u8, Fail> {
     let client = client(cli)?;
-    // Each poll waits at most this long for an event; the client's deadline must exceed it.
-    let wait_ms = cli
-        .timeout
-        .as_millis()
-        .saturating_sub(1000)
-        .clamp(100, 30_000) as u64;
+    let wait_ms = long_poll_ms(cli);
     loop {
         let req = ConsensusRequest::Watch {
             key: key.clone(),
