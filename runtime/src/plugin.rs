@@ -229,6 +229,9 @@ struct Slot {
     /// Status and restart count under one lock, so readers never see a half-updated pair.
     status: Mutex<(PluginStatus, u32)>,
     actor: Mutex<Option<ActorRef<PluginMsg>>>,
+    /// Requests served (local and remote callers) by outcome, in [`OUTCOMES`] order; kept
+    /// across restarts. Refusals of bad input are not failures.
+    served: [AtomicU64; 3],
 }
 
 impl Slot {
@@ -266,11 +269,10 @@ struct HostShared {
     slots: HashMap<&'static str, Arc<Slot>>,
     ctx: PluginContext,
     stopping: AtomicBool,
-    /// Requests served by any plugin (local and remote callers), and those that failed
-    /// (refusals of bad input are not failures).
-    requests: AtomicU64,
-    errors: AtomicU64,
 }
+
+/// Outcomes of the requests a plugin served, counted as they finish.
+const OUTCOMES: [&str; 3] = ["ok", "refused", "error"];
 
 /// Restart policy.
 const MAX_RESTARTS: usize = 5;
@@ -311,6 +313,7 @@ impl PluginHost {
                         instance: RwLock::new(None),
                         status: Mutex::new((PluginStatus::Starting, 0)),
                         actor: Mutex::new(None),
+                        served: Default::default(),
                     }),
                 )
             })
@@ -319,8 +322,6 @@ impl PluginHost {
             slots,
             ctx,
             stopping: AtomicBool::new(false),
-            requests: AtomicU64::new(0),
-            errors: AtomicU64::new(0),
         });
         let (supervisor, task) = Actor::spawn(None, Supervisor, shared.clone())
             .await
@@ -386,7 +387,14 @@ impl PluginHost {
 
     /// Let every running plugin export its own counts into `m` (before `/metrics` renders).
     pub fn export_metrics(&self, m: &Metrics) {
-        for s in self.shared.slots.values() {
+        for (name, s) in &self.shared.slots {
+            for (outcome, n) in OUTCOMES.iter().zip(&s.served) {
+                m.set_counter(
+                    "dsys_plugin_requests_total",
+                    &[("plugin", name), ("outcome", outcome)],
+                    n.load(Ordering::Relaxed),
+                );
+            }
             if let Some(i) = s.instance() {
                 i.export_metrics(m);
             }
@@ -395,10 +403,10 @@ impl PluginHost {
 
     /// (requests served, requests failed) by this node's plugins since it started.
     pub fn request_counts(&self) -> (u64, u64) {
-        (
-            self.shared.requests.load(Ordering::Relaxed),
-            self.shared.errors.load(Ordering::Relaxed),
-        )
+        self.shared.slots.values().fold((0, 0), |(all, failed), s| {
+            let n = |i: usize| s.served[i].load(Ordering::Relaxed);
+            (all + n(0) + n(1) + n(2), failed + n(2))
+        })
     }
 
     /// Serve one request for plugin `plugin`.
@@ -409,20 +417,14 @@ impl PluginHost {
         body: Vec<u8>,
     ) -> Result<Vec<u8>, RpcError> {
         let r = self.dispatch_inner(caller, plugin, body).await;
-        let outcome = match &r {
-            Ok(_) => "ok",
-            Err(RpcError::Refused(_)) => "refused",
-            Err(_) => "error",
-        };
-        self.shared.requests.fetch_add(1, Ordering::Relaxed);
-        if outcome == "error" {
-            self.shared.errors.fetch_add(1, Ordering::Relaxed);
+        if let Some(slot) = self.shared.slots.get(plugin) {
+            let i = match &r {
+                Ok(_) => 0,
+                Err(RpcError::Refused(_)) => 1,
+                Err(_) => 2,
+            };
+            slot.served[i].fetch_add(1, Ordering::Relaxed);
         }
-        self.shared.ctx.metrics.add(
-            "dsys_plugin_requests_total",
-            &[("plugin", plugin), ("outcome", outcome)],
-            1,
-        );
         r
     }
 

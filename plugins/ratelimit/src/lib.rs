@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dashmap::DashMap;
-use dsys_runtime::{Caller, Panel, Plugin, PluginContext, RateMeter, RpcError};
+use dsys_runtime::{Caller, Metrics, Panel, Plugin, PluginContext, RateMeter, RpcError};
 use serde::{Deserialize, Serialize};
 
 pub use api::{
@@ -138,17 +138,7 @@ impl RatelimitPlugin {
             d
         };
         if let Some((a, l)) = self.decisions.get(&rule_name) {
-            let (meter, outcome) = if decision.allowed {
-                (a, "allowed")
-            } else {
-                (l, "limited")
-            };
-            meter.mark(1);
-            self.ctx.metrics.add(
-                "dsys_ratelimit_decisions_total",
-                &[("rule", &rule_name), ("outcome", outcome)],
-                1,
-            );
+            if decision.allowed { a } else { l }.mark(1);
         }
         Ok(RatelimitResponse::Decision {
             rule: rule_name,
@@ -229,6 +219,18 @@ impl Plugin for RatelimitPlugin {
                     .rpc
                     .call::<RatelimitApi>(&owner, &RatelimitRequest::Decide { rule, key, cost })
                     .await
+            }
+        }
+    }
+
+    fn export_metrics(&self, m: &Metrics) {
+        for (rule, (a, l)) in &self.decisions {
+            for (outcome, meter) in [("allowed", a), ("limited", l)] {
+                m.set_counter(
+                    "dsys_ratelimit_decisions_total",
+                    &[("rule", rule), ("outcome", outcome)],
+                    meter.total(),
+                );
             }
         }
     }
