@@ -41,6 +41,11 @@ struct Cli {
     /// Folder with ca.pem and cli.pem/cli.key (default: the cluster file's certs_dir).
     #[arg(long, global = true, env = "DSYS_CERTS")]
     certs: Option<PathBuf>,
+    /// Client certificate: `cli` (admin, may change state) or `reader` (read-only; refused
+    /// everything but reads).
+    #[arg(long, global = true, env = "DSYS_IDENTITY", default_value = "cli",
+          value_parser = ["cli", "reader"])]
+    identity: String,
     /// Print one JSON document instead of a table.
     #[arg(long, global = true)]
     json: bool,
@@ -661,7 +666,7 @@ fn identity(cli: &Cli) -> Result<TlsIdentity, Fail> {
         None if cli.config.exists() => load_config(&cli.config)?.cluster.certs_dir,
         None => PathBuf::from("run/certs"),
     };
-    TlsIdentity::load(&certs, "cli").map_err(|e| usage(e.to_string()))
+    TlsIdentity::load(&certs, &cli.identity).map_err(|e| usage(e.to_string()))
 }
 
 /// One client per endpoint, each starting at its own endpoint and failing over to the others,

@@ -53,6 +53,12 @@ pub trait Plugin: Sized + Send + Sync + 'static {
         req: <Self::Api as Api>::Request,
     ) -> Result<<Self::Api as Api>::Response, RpcError>;
 
+    /// Whether `req` only reads: the one kind of request a client with the read-only
+    /// certificate ([`Caller::Reader`]) is served. Everything else is refused for it.
+    fn read_only(_req: &<Self::Api as Api>::Request) -> bool {
+        false
+    }
+
     /// React to a membership change.
     async fn on_cluster_event(&self, _event: ClusterEvent) {}
 
@@ -143,6 +149,12 @@ trait Instance: Send + Sync {
 impl<P: Plugin> Instance for P {
     async fn handle(&self, caller: Caller, body: &[u8]) -> Result<Vec<u8>, RpcError> {
         let req = codec::decode(body)?;
+        if !caller.may_write() && !P::read_only(&req) {
+            return Err(RpcError::Unauthorized(format!(
+                "`{}`: the read-only certificate may only read",
+                P::Api::NAME
+            )));
+        }
         let resp = Plugin::handle(self, caller, req).await?;
         Ok(codec::encode(&resp)?)
     }

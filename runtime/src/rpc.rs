@@ -90,8 +90,18 @@ pub struct RpcRequest {
 pub enum Caller {
     /// Another node (or this one), by id.
     Node(String),
-    /// A CLI or test client.
+    /// A CLI or test client with the admin certificate (`cli.pem`).
     Client,
+    /// A client with the read-only certificate (`reader.pem`): plugins serve it only the
+    /// requests they declare read-only ([`crate::Plugin::read_only`]).
+    Reader,
+}
+
+impl Caller {
+    /// Whether this caller may change state (everyone but a read-only client).
+    pub fn may_write(&self) -> bool {
+        !matches!(self, Caller::Reader)
+    }
 }
 
 /// Something that answers requests: the node's dispatcher.

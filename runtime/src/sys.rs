@@ -108,6 +108,11 @@ const MAX_NOTE: usize = 300;
 
 impl SysService {
     pub(crate) fn handle(&self, caller: &Caller, req: SysRequest) -> Result<SysResponse, RpcError> {
+        if !caller.may_write() && matches!(req, SysRequest::Chaos(_) | SysRequest::Note(_)) {
+            return Err(RpcError::Unauthorized(
+                "chaos and notes need the admin certificate".into(),
+            ));
+        }
         Ok(match req {
             SysRequest::Ping => SysResponse::Pong {
                 node: self.me.clone(),
@@ -139,7 +144,7 @@ impl SysService {
                 }
                 let who = match caller {
                     Caller::Node(n) => n.as_str(),
-                    Caller::Client => "client",
+                    Caller::Client | Caller::Reader => "client",
                 };
                 self.timeline
                     .record("chaos", &self.me, format!("{who}: {text}"));

@@ -1,6 +1,6 @@
 //! Cluster identity: one CA per cluster, one certificate per node (`ID.node.dsys` plus the
-//! shared name `node.dsys`) and one for the CLI (`cli.client.dsys`), all made by
-//! [`init_cluster_certs`]. The transport uses them for mutual TLS in both directions.
+//! shared name `node.dsys`), one admin certificate for the CLI (`cli.client.dsys`) and one
+//! read-only client certificate (`reader.client.dsys`), all made by [`init_cluster_certs`]. The transport uses them for mutual TLS in both directions.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -16,8 +16,11 @@ pub(crate) fn node_name(id: &str) -> String {
     format!("{id}.node.dsys")
 }
 
-/// Name of the CLI client certificate.
+/// Name of the CLI client certificate (admin: may change state).
 pub(crate) const CLIENT_NAME: &str = "cli.client.dsys";
+
+/// Name of the read-only client certificate.
+pub(crate) const READER_NAME: &str = "reader.client.dsys";
 
 /// Problems with certificates.
 #[derive(Debug, thiserror::Error)]
@@ -44,8 +47,9 @@ pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
-/// Create `dir/ca.pem`, `dir/<id>.pem` + `dir/<id>.key` for each node id and `dir/cli.pem` +
-/// `dir/cli.key`. Existing files are replaced: re-running makes a new CA.
+/// Create `dir/ca.pem`, `dir/<id>.pem` + `dir/<id>.key` for each node id, the admin client's
+/// `dir/cli.pem` + `dir/cli.key` and the read-only client's `dir/reader.pem` +
+/// `dir/reader.key`. Existing files are replaced: re-running makes a new CA.
 pub fn init_cluster_certs(dir: &Path, node_ids: &[String]) -> Result<(), TlsError> {
     use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
     std::fs::create_dir_all(dir).map_err(|e| TlsError::File {
@@ -73,7 +77,8 @@ pub fn init_cluster_certs(dir: &Path, node_ids: &[String]) -> Result<(), TlsErro
     for id in node_ids {
         leaf(id, vec![node_name(id), ANY_NODE_NAME.to_string()])?;
     }
-    leaf("cli", vec![CLIENT_NAME.to_string()])
+    leaf("cli", vec![CLIENT_NAME.to_string()])?;
+    leaf("reader", vec![READER_NAME.to_string()])
 }
 
 fn write(dir: &Path, name: &str, body: &str) -> Result<(), TlsError> {

@@ -357,7 +357,7 @@ impl Transport {
             conn.close(1u32.into(), b"no client certificate");
             return;
         };
-        let verified: Arc<std::sync::Mutex<Option<String>>> = Default::default();
+        let verified: Arc<std::sync::Mutex<Option<(String, Caller)>>> = Default::default();
         while let Ok((send, recv)) = conn.accept_bi().await {
             let this = self.clone();
             let (handler, leaf, verified) = (handler.clone(), leaf.clone(), verified.clone());
@@ -374,7 +374,7 @@ impl Transport {
         mut recv: quinn::RecvStream,
         handler: Arc<dyn Handler>,
         leaf: &CertificateDer<'static>,
-        verified: &std::sync::Mutex<Option<String>>,
+        verified: &std::sync::Mutex<Option<(String, Caller)>>,
     ) {
         let max = self.opts.max_frame_bytes;
         let start = Instant::now();
@@ -389,7 +389,7 @@ impl Transport {
                         Ok(caller) => {
                             let peer = match &caller {
                                 Caller::Node(n) => Some(n.clone()),
-                                Caller::Client => None,
+                                Caller::Client | Caller::Reader => None,
                             };
                             if let Some(p) = &peer {
                                 if self.faults.verdict(p) == Verdict::Drop {
@@ -451,32 +451,42 @@ impl Transport {
         let _ = send.finish();
     }
 
-    /// Check that the claimed caller is the one the certificate names.
+    /// Check that the claimed caller is the one the certificate names. A client claims `cli`;
+    /// which client certificate it shows (admin or read-only) decides its [`Caller`].
     fn authenticate(
         &self,
         claimed: &str,
         leaf: &CertificateDer<'static>,
-        verified: &std::sync::Mutex<Option<String>>,
+        verified: &std::sync::Mutex<Option<(String, Caller)>>,
     ) -> Result<Caller, RpcError> {
         let mut v = verified.lock().unwrap_or_else(|p| p.into_inner());
-        if v.as_deref() != Some(claimed) {
-            let name = if claimed == "cli" {
-                tls::CLIENT_NAME.to_string()
-            } else {
-                tls::node_name(claimed)
-            };
-            if !crate::config::valid_node_id(claimed) || !tls::cert_names(leaf, &name) {
-                return Err(RpcError::Unauthorized(format!(
-                    "certificate does not belong to `{claimed}`"
-                )));
+        if let Some((c, caller)) = v.as_ref() {
+            if c == claimed {
+                return Ok(caller.clone());
             }
-            *v = Some(claimed.to_string());
         }
-        Ok(if claimed == "cli" {
-            Caller::Client
+        let caller = if claimed == "cli" {
+            if tls::cert_names(leaf, tls::CLIENT_NAME) {
+                Some(Caller::Client)
+            } else if tls::cert_names(leaf, tls::READER_NAME) {
+                Some(Caller::Reader)
+            } else {
+                None
+            }
+        } else if crate::config::valid_node_id(claimed)
+            && tls::cert_names(leaf, &tls::node_name(claimed))
+        {
+            Some(Caller::Node(claimed.to_string()))
         } else {
-            Caller::Node(claimed.to_string())
-        })
+            None
+        };
+        let Some(caller) = caller else {
+            return Err(RpcError::Unauthorized(format!(
+                "certificate does not belong to `{claimed}`"
+            )));
+        };
+        *v = Some((claimed.to_string(), caller.clone()));
+        Ok(caller)
     }
 }
 

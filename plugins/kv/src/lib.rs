@@ -463,6 +463,10 @@ impl Inner {
 impl Plugin for KvPlugin {
     type Api = KvApi;
 
+    fn read_only(req: &KvRequest) -> bool {
+        matches!(req, KvRequest::Get { .. } | KvRequest::Scan { .. })
+    }
+
     async fn start(ctx: PluginContext) -> Result<Self, String> {
         let cfg: KvConfig = ctx.plugin_config("kv").map_err(|e| e.to_string())?;
         for (name, kind, help) in [

@@ -19,6 +19,11 @@ pub struct RingPlugin {
 impl Plugin for RingPlugin {
     type Api = RingApi;
 
+    /// Lookups and statistics only read the ring.
+    fn read_only(_req: &RingRequest) -> bool {
+        true
+    }
+
     async fn start(ctx: PluginContext) -> Result<Self, String> {
         Ok(RingPlugin { ctx })
     }

@@ -34,6 +34,49 @@ async fn client_with_a_foreign_ca_is_refused() -> anyhow::Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_only_certificate_reads_but_never_writes() -> anyhow::Result<()> {
+    use dsys_plugin_kv::{KvApi, KvRequest, KvResponse};
+    let value_of = |r: &KvResponse| match r {
+        KvResponse::Value {
+            version: Some(v), ..
+        } => v.value.clone(),
+        _ => None,
+    };
+    let c = TestCluster::start(2).await?;
+    let admin = c.client()?;
+    let reader = c.client_as("reader")?;
+    let put = |value: &str| KvRequest::Put {
+        key: "ro-k".into(),
+        value: value.as_bytes().to_vec(),
+        w: Some(1),
+    };
+    admin.call::<KvApi>(&put("v1")).await?;
+    let get = KvRequest::Get {
+        key: "ro-k".into(),
+        r: Some(1),
+    };
+    let read = reader.call::<KvApi>(&get).await?;
+    assert_eq!(value_of(&read), Some(b"v1".to_vec()), "reader got {read:?}");
+    // Writes and chaos are refused for the reader, on every node, and change nothing.
+    let w = reader.call::<KvApi>(&put("v2")).await;
+    assert!(
+        matches!(w, Err(ClientError::Rpc(RpcError::Unauthorized(_)))),
+        "{w:?}"
+    );
+    let chaos = reader
+        .call::<SysApi>(&SysRequest::Note("reader was here".into()))
+        .await;
+    assert!(
+        matches!(chaos, Err(ClientError::Rpc(RpcError::Unauthorized(_)))),
+        "{chaos:?}"
+    );
+    let after = admin.call::<KvApi>(&get).await?;
+    assert_eq!(value_of(&after), Some(b"v1".to_vec()), "after: {after:?}");
+    c.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gossip_only_impostor_never_enters_the_ring() -> anyhow::Result<()> {
     let c = TestCluster::start(2).await?;
     // An impostor speaks chitchat and claims to be n9 with n1's RPC address: gossip accepts
