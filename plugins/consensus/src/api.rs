@@ -9,7 +9,7 @@ use openraft::raft::{
 use serde::{Deserialize, Serialize};
 
 use crate::state::{
-    Compare, CompareOp, CompareTarget, Event, EventKind, KeyValue, OpResult, Txn, TxnOp,
+    Compare, CompareOp, CompareTarget, Event, EventKind, KeyValue, OpResult, RequestId, Txn, TxnOp,
 };
 use crate::types::TypeConfig;
 
@@ -116,8 +116,19 @@ pub enum ConsensusRequest {
     Forwarded {
         /// Forwarding hops so far.
         hops: u8,
+        /// The request id the first node gave a write (kept across re-forwards, so a write
+        /// sent again after a leader change is applied once).
+        id: Option<RequestId>,
         /// The request.
         req: Box<ConsensusRequest>,
+    },
+    /// Raft pre-vote (between voters, before a real election): would the receiver vote for a
+    /// candidate with this log? Yes only if it has not heard from a leader for a while and
+    /// the log is at least as up to date as its own. Nothing changes on either side, so a
+    /// node that cannot win (stale log, cut off, just restarted) never raises the term.
+    PreVote {
+        /// The candidate's last log id.
+        last_log_id: Option<openraft::LogId<u64>>,
     },
     /// Raft: append entries (leader to follower).
     AppendEntries(AppendEntriesRequest<TypeConfig>),
@@ -164,6 +175,11 @@ pub struct RaftStatus {
     pub wal_last_lsn: u64,
     /// The WAL checkpoint: replay at start begins here (set when the log is compacted).
     pub wal_checkpoint_lsn: u64,
+    /// Pre-vote rounds this node started since it started (it heard from no leader for its
+    /// election timeout).
+    pub pre_votes: u64,
+    /// Elections this node started (pre-votes it won).
+    pub elections: u64,
 }
 
 /// Answers.
@@ -240,6 +256,11 @@ pub enum ConsensusResponse {
         /// Learners.
         learners: Vec<String>,
     },
+    /// Pre-vote answer.
+    PreVote {
+        /// Whether the receiver would vote for the candidate.
+        granted: bool,
+    },
     /// Raft reply.
     AppendEntries(Result<AppendEntriesResponse<u64>, RaftError<u64>>),
     /// Raft reply.
@@ -276,7 +297,7 @@ impl Render for ConsensusResponse {
     fn human(&self) -> String {
         match self {
             ConsensusResponse::Status(s) => format!(
-                "node        {}\nstate       {}\nleader      {}\nterm        {}\nlast index  {}\ncommitted   {}\napplied     {}\nsnapshot    {}\npurged      {}\nvoters      {}\nlearners    {}\nrevision    {}\nkeys        {}\nleases      {}\nwal         LSN {}..={}, checkpoint {}\n",
+                "node        {}\nstate       {}\nleader      {}\nterm        {}\nlast index  {}\ncommitted   {}\napplied     {}\nsnapshot    {}\npurged      {}\nvoters      {}\nlearners    {}\nrevision    {}\nkeys        {}\nleases      {}\nwal         LSN {}..={}, checkpoint {}\nelections   {} started, after {} pre-votes\n",
                 s.node,
                 s.state,
                 s.leader.as_deref().unwrap_or("-"),
@@ -294,6 +315,8 @@ impl Render for ConsensusResponse {
                 s.wal_first_lsn,
                 s.wal_last_lsn,
                 s.wal_checkpoint_lsn,
+                s.elections,
+                s.pre_votes,
             ),
             ConsensusResponse::Put { revision, prev } => match prev {
                 Some(p) => format!("OK revision {revision} (was {})", p.value),

@@ -19,11 +19,13 @@ pub mod state;
 mod types;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use dsys_runtime::{Caller, MemberState, Metrics, Panel, Plugin, PluginContext, RpcError};
 use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
+use openraft::raft::AppendEntriesResponse;
 use openraft::{BasicNode, ChangeMembers, ServerState, SnapshotPolicy};
 use serde::Deserialize;
 use tokio::time::Instant;
@@ -39,7 +41,7 @@ use lease_timer::LeaseTimer;
 use log_store::LogStore;
 use network::Network;
 use sm_store::SmStore;
-use state::{CmdResult, Command, TxnOp};
+use state::{CmdResult, Command, RequestId, TxnOp};
 use types::Raft;
 
 /// Most forwarding hops of one request (a leader change mid-flight costs one or two).
@@ -55,11 +57,13 @@ pub struct ConsensusConfig {
     pub voters: Vec<String>,
     /// Leader heartbeat interval (default 100 ms).
     pub heartbeat_ms: u64,
-    /// Election timeout range (default 800..1600 ms).
+    /// Election timeout range (default 500..900 ms): a voter that hears from no leader for
+    /// a random time in this range (drawn again after every attempt) asks for pre-votes.
     pub election_min_ms: u64,
     /// Election timeout range.
     pub election_max_ms: u64,
-    /// Build a snapshot after this many log entries since the last one (default 10000).
+    /// Build a snapshot after this many log entries since the last one (default 100000, as
+    /// etcd's `--snapshot-count`: a snapshot serializes the whole state).
     pub snapshot_every: u64,
     /// Log entries kept behind a snapshot for slow followers (default 1000).
     pub keep_logs: u64,
@@ -68,15 +72,22 @@ pub struct ConsensusConfig {
 }
 
 impl ConsensusConfig {
+    /// The leader lease: a voter refuses pre-votes and votes for this long after it last
+    /// heard from a leader (half the shortest election timeout, so that by the time any
+    /// candidate's timeout runs out the other voters' leases have too).
+    fn lease_ms(&self) -> u64 {
+        (self.election_min_ms / 2).max(self.heartbeat_ms + 2)
+    }
+
     fn with_defaults(mut self, nodes: &[String]) -> Result<Self, String> {
         if self.voters.is_empty() {
             self.voters = nodes.iter().take(3).cloned().collect();
         }
         let or = |v: u64, d: u64| if v == 0 { d } else { v };
         self.heartbeat_ms = or(self.heartbeat_ms, 100);
-        self.election_min_ms = or(self.election_min_ms, 800);
-        self.election_max_ms = or(self.election_max_ms, 1600);
-        self.snapshot_every = or(self.snapshot_every, 10_000);
+        self.election_min_ms = or(self.election_min_ms, 500);
+        self.election_max_ms = or(self.election_max_ms, 900);
+        self.snapshot_every = or(self.snapshot_every, 100_000);
         self.keep_logs = or(self.keep_logs, 1000);
         if self.history == 0 {
             self.history = state::DEFAULT_HISTORY;
@@ -94,10 +105,12 @@ impl ConsensusConfig {
                 ));
             }
         }
-        if self.election_min_ms <= self.heartbeat_ms || self.election_max_ms <= self.election_min_ms
+        if self.election_min_ms < 2 * self.heartbeat_ms
+            || self.election_max_ms <= self.election_min_ms
         {
             return Err(
-                "plugins.consensus: need heartbeat_ms < election_min_ms < election_max_ms".into(),
+                "plugins.consensus: need 2 * heartbeat_ms <= election_min_ms < election_max_ms"
+                    .into(),
             );
         }
         Ok(self)
@@ -114,6 +127,87 @@ struct Inner {
     sm: SmStore,
     leases: Mutex<LeaseTimer>,
     recovery: LogRecovery,
+    /// Ids for the writes this node receives from clients.
+    tagger: Tagger,
+    /// When this node last heard from a leader (or granted a vote, or led): the election
+    /// clock of `election_loop` and the pre-vote's "is the leader gone?" test.
+    contact: Mutex<Instant>,
+    /// Pre-vote rounds and elections started here.
+    pre_votes: AtomicU64,
+    elections: AtomicU64,
+}
+
+/// Gives each client write received here a [`RequestId`]: this incarnation's random client
+/// id, a growing sequence number, and the lowest number still in flight here (the floor).
+struct Tagger {
+    client: u64,
+    next: AtomicU64,
+    inflight: Mutex<BTreeSet<u64>>,
+}
+
+/// A write in flight; dropping it (answered or given up) lets the floor move past it.
+struct InFlight<'a> {
+    tagger: &'a Tagger,
+    id: RequestId,
+}
+
+impl Tagger {
+    fn new() -> Self {
+        Tagger {
+            client: rand::random(),
+            next: AtomicU64::new(1),
+            inflight: Mutex::new(BTreeSet::new()),
+        }
+    }
+
+    fn tag(&self) -> InFlight<'_> {
+        let seq = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut g = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+        g.insert(seq);
+        let floor = g.first().copied().unwrap_or(seq);
+        InFlight {
+            tagger: self,
+            id: RequestId {
+                client: self.client,
+                seq,
+                floor,
+            },
+        }
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.tagger
+            .inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.id.seq);
+    }
+}
+
+/// Writes that go through the log and get a request id (membership changes are not tagged:
+/// openraft refuses a second change while one is in progress).
+fn is_tagged_write(req: &ConsensusRequest) -> bool {
+    matches!(
+        req,
+        ConsensusRequest::Put { .. }
+            | ConsensusRequest::Delete { .. }
+            | ConsensusRequest::Txn(_)
+            | ConsensusRequest::LeaseGrant { .. }
+            | ConsensusRequest::LeaseRevoke { .. }
+    )
+}
+
+/// The command, wrapped with its request id if it has one.
+fn once(cmd: Command, id: Option<RequestId>) -> Command {
+    match id {
+        Some(id) => Command::Once {
+            id,
+            cmd: Box::new(cmd),
+        },
+        None => cmd,
+    }
 }
 
 impl Drop for Inner {
@@ -282,6 +376,75 @@ fn state_name(s: ServerState) -> &'static str {
 }
 
 impl Inner {
+    /// Heard from a leader (or granted a vote, or leads): restart the election clock.
+    fn touch(&self) {
+        *self.contact.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+    }
+
+    fn quiet_for(&self) -> Duration {
+        self.contact
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .elapsed()
+    }
+
+    /// Pre-vote: yes when this node is not the leader, has heard from no leader for the
+    /// leader lease, and the candidate's log is at least as up to date as its own.
+    fn grant_pre_vote(&self, candidate_last: Option<openraft::LogId<u64>>) -> bool {
+        let m = self.metrics();
+        m.state != ServerState::Leader
+            && self.quiet_for() >= Duration::from_millis(self.cfg.lease_ms())
+            && candidate_last >= self.log.last_log_id()
+    }
+
+    /// Ask the other voters whether they would vote for this node; true when a majority of
+    /// every voter set (joint consensus has two) would, counting this node.
+    async fn pre_vote(&self, m: &openraft::RaftMetrics<u64, BasicNode>) -> bool {
+        let mem = m.membership_config.membership();
+        let configs: Vec<BTreeSet<u64>> = mem.get_joint_config().to_vec();
+        let others: BTreeSet<u64> = configs
+            .iter()
+            .flatten()
+            .copied()
+            .filter(|id| *id != self.my_id)
+            .collect();
+        let req = ConsensusRequest::PreVote {
+            last_log_id: self.log.last_log_id(),
+        };
+        let ttl = Duration::from_millis(self.cfg.lease_ms());
+        let mut asks = tokio::task::JoinSet::new();
+        for id in others {
+            let Some(name) = mem.get_node(&id).map(|n| n.addr.clone()) else {
+                continue;
+            };
+            let (rpc, req) = (self.ctx.rpc.clone(), req.clone());
+            asks.spawn(async move {
+                let r = rpc
+                    .call_with_timeout::<ConsensusApi>(&name, &req, ttl)
+                    .await;
+                (
+                    id,
+                    matches!(r, Ok(ConsensusResponse::PreVote { granted: true })),
+                )
+            });
+        }
+        let mut yes: BTreeSet<u64> = [self.my_id].into();
+        let won = |yes: &BTreeSet<u64>| {
+            configs
+                .iter()
+                .all(|c| c.iter().filter(|v| yes.contains(v)).count() * 2 > c.len())
+        };
+        while let Some(r) = asks.join_next().await {
+            if let Ok((id, true)) = r {
+                yes.insert(id);
+                if won(&yes) {
+                    return true;
+                }
+            }
+        }
+        won(&yes)
+    }
+
     fn metrics(&self) -> openraft::RaftMetrics<u64, BasicNode> {
         self.raft.metrics().borrow().clone()
     }
@@ -352,6 +515,8 @@ impl Inner {
             wal_first_lsn: wal.first_lsn,
             wal_last_lsn: wal.last_lsn,
             wal_checkpoint_lsn: wal.checkpoint_lsn,
+            pre_votes: self.pre_votes.load(Ordering::Relaxed),
+            elections: self.elections.load(Ordering::Relaxed),
         }
     }
 
@@ -408,7 +573,11 @@ impl Inner {
     }
 
     /// Serve a request as the leader.
-    async fn serve_as_leader(&self, req: &ConsensusRequest) -> Result<ConsensusResponse, Route> {
+    async fn serve_as_leader(
+        &self,
+        req: &ConsensusRequest,
+        id: Option<RequestId>,
+    ) -> Result<ConsensusResponse, Route> {
         use ConsensusRequest as R;
         let resp = |r: CmdResult| -> Result<ConsensusResponse, Route> {
             Ok(match r {
@@ -446,23 +615,32 @@ impl Inner {
         };
         match req {
             R::Put { key, value, lease } => resp(
-                self.write(Command::Put {
-                    key: key.clone(),
-                    value: value.clone(),
-                    lease: *lease,
-                })
+                self.write(once(
+                    Command::Put {
+                        key: key.clone(),
+                        value: value.clone(),
+                        lease: *lease,
+                    },
+                    id,
+                ))
                 .await?,
             ),
             R::Delete { key, prefix } => resp(
-                self.write(Command::Delete {
-                    key: key.clone(),
-                    prefix: *prefix,
-                })
+                self.write(once(
+                    Command::Delete {
+                        key: key.clone(),
+                        prefix: *prefix,
+                    },
+                    id,
+                ))
                 .await?,
             ),
-            R::Txn(t) => resp(self.write(Command::Txn(t.clone())).await?),
+            R::Txn(t) => resp(self.write(once(Command::Txn(t.clone()), id)).await?),
             R::LeaseGrant { ttl_ms } => {
-                let r = resp(self.write(Command::LeaseGrant { ttl_ms: *ttl_ms }).await?)?;
+                let r = resp(
+                    self.write(once(Command::LeaseGrant { ttl_ms: *ttl_ms }, id))
+                        .await?,
+                )?;
                 if let ConsensusResponse::LeaseGranted { id, ttl_ms } = &r {
                     self.leases
                         .lock()
@@ -471,7 +649,10 @@ impl Inner {
                 }
                 Ok(r)
             }
-            R::LeaseRevoke { id } => resp(self.write(Command::LeaseRevoke { id: *id }).await?),
+            R::LeaseRevoke { id: lease } => resp(
+                self.write(once(Command::LeaseRevoke { id: *lease }, id))
+                    .await?,
+            ),
             R::LeaseKeepAlive { id } => {
                 self.linearize().await?;
                 let ttl = self
@@ -562,6 +743,7 @@ impl Inner {
         node: &str,
         req: &ConsensusRequest,
         hops: u8,
+        id: Option<RequestId>,
     ) -> Result<ConsensusResponse, RpcError> {
         if hops >= MAX_HOPS {
             return Err(RpcError::Unreachable(
@@ -574,6 +756,7 @@ impl Inner {
                 node,
                 &ConsensusRequest::Forwarded {
                     hops: hops + 1,
+                    id,
                     req: Box::new(req.clone()),
                 },
             )
@@ -585,6 +768,7 @@ impl Inner {
         &self,
         req: &ConsensusRequest,
         hops: u8,
+        id: Option<RequestId>,
     ) -> Result<ConsensusResponse, RpcError> {
         let view = self.ctx.membership.view();
         let mut last = RpcError::Unreachable("no voter is alive".into());
@@ -594,7 +778,7 @@ impl Inner {
             {
                 continue;
             }
-            match self.forward(v, req, hops).await {
+            match self.forward(v, req, hops, id).await {
                 Err(e @ (RpcError::Unreachable(_) | RpcError::PluginUnavailable(_))) => last = e,
                 r => return r,
             }
@@ -603,21 +787,29 @@ impl Inner {
     }
 
     /// Route a request that needs the leader: serve it here if this node leads, else forward
-    /// it to the leader, waiting (boundedly) for one to be elected.
+    /// it to the leader, waiting (boundedly) for one to be elected. A request that may be
+    /// sent twice (a read, or a write with a request id) is sent again to the new leader
+    /// when the leader changes while it is in flight, instead of waiting on the old one.
     async fn via_leader(
         &self,
         req: &ConsensusRequest,
         hops: u8,
+        id: Option<RequestId>,
     ) -> Result<ConsensusResponse, RpcError> {
         let end = self.deadline();
         let mut rx = self.raft.metrics();
         let mut hint: Option<u64> = None;
         let mut last: Option<RpcError> = None;
+        let resendable = id.is_some()
+            || matches!(
+                req,
+                ConsensusRequest::Get { .. } | ConsensusRequest::LeaseKeepAlive { .. }
+            );
         loop {
             let m = rx.borrow_and_update().clone();
             let leader = hint.take().or(m.current_leader);
             match leader {
-                Some(l) if l == self.my_id => match self.serve_as_leader(req).await {
+                Some(l) if l == self.my_id => match self.serve_as_leader(req, id).await {
                     Ok(r) => return Ok(r),
                     Err(Route::Fail(e)) => return Err(e),
                     Err(Route::Retry(e)) => last = Some(e),
@@ -643,10 +835,42 @@ impl Inner {
                         .map(|m| m.state != MemberState::Alive)
                         .unwrap_or(true);
                     if !dead {
-                        return self.forward(&name, req, hops).await;
+                        if !resendable {
+                            return self.forward(&name, req, hops, id).await;
+                        }
+                        let fwd = self.forward(&name, req, hops, id);
+                        tokio::pin!(fwd);
+                        let moved = loop {
+                            tokio::select! {
+                                r = &mut fwd => match r {
+                                    Err(e @ (RpcError::Unreachable(_)
+                                    | RpcError::PluginUnavailable(_))) => {
+                                        last = Some(e);
+                                        break false;
+                                    }
+                                    r => return r,
+                                },
+                                c = rx.changed() => {
+                                    if c.is_err() {
+                                        return fwd.await;
+                                    }
+                                    let now = rx.borrow().current_leader;
+                                    if now.is_some() && now != Some(l) {
+                                        break true;
+                                    }
+                                }
+                            }
+                        };
+                        if moved {
+                            tracing::debug!(
+                                ?id,
+                                "consensus: leader changed mid-request; resending"
+                            );
+                            continue;
+                        }
                     }
                 }
-                None if !self.is_member() => return self.forward_to_voters(req, hops).await,
+                None if !self.is_member() => return self.forward_to_voters(req, hops, id).await,
                 None => {}
             }
             let now = Instant::now();
@@ -691,13 +915,18 @@ impl Inner {
         }
     }
 
-    async fn client(&self, req: ConsensusRequest, hops: u8) -> Result<ConsensusResponse, RpcError> {
+    async fn client(
+        &self,
+        req: ConsensusRequest,
+        hops: u8,
+        id: Option<RequestId>,
+    ) -> Result<ConsensusResponse, RpcError> {
         validate(&req)?;
         match &req {
             // A node outside the Raft group has no view of it: a voter answers instead (the
             // status names the node that answered).
             ConsensusRequest::Status if !self.is_member() && hops == 0 => {
-                match self.forward_to_voters(&req, hops).await {
+                match self.forward_to_voters(&req, hops, None).await {
                     Ok(r) => Ok(r),
                     Err(_) => Ok(ConsensusResponse::Status(self.status().await)),
                 }
@@ -722,8 +951,14 @@ impl Inner {
             ConsensusRequest::Get {
                 serializable: true, ..
             }
-            | ConsensusRequest::Watch { .. } => self.forward_to_voters(&req, hops).await,
-            _ => self.via_leader(&req, hops).await,
+            | ConsensusRequest::Watch { .. } => self.forward_to_voters(&req, hops, None).await,
+            _ => {
+                // The first node to see a write gives it its id; forwards keep it.
+                let tag =
+                    (id.is_none() && hops == 0 && is_tagged_write(&req)).then(|| self.tagger.tag());
+                let id = id.or(tag.as_ref().map(|t| t.id));
+                self.via_leader(&req, hops, id).await
+            }
         }
     }
 }
@@ -869,8 +1104,12 @@ impl Plugin for ConsensusPlugin {
         let rcfg = openraft::Config {
             cluster_name: ctx.config.cluster.name.clone(),
             heartbeat_interval: cfg.heartbeat_ms,
-            election_timeout_min: cfg.election_min_ms,
-            election_timeout_max: cfg.election_max_ms,
+            // openraft's own election timer is off (`election_loop` drives elections with a
+            // pre-vote); its `election_timeout_max` is the leader lease within which a voter
+            // refuses votes, and `election_timeout_min` bounds a vote RPC.
+            enable_elect: false,
+            election_timeout_min: cfg.lease_ms() - 1,
+            election_timeout_max: cfg.lease_ms(),
             install_snapshot_timeout: 5000,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(cfg.snapshot_every),
             max_in_snapshot_log_to_keep: cfg.keep_logs,
@@ -901,7 +1140,12 @@ impl Plugin for ConsensusPlugin {
             sm,
             leases: Mutex::new(LeaseTimer::default()),
             recovery,
+            tagger: Tagger::new(),
+            contact: Mutex::new(Instant::now()),
+            pre_votes: AtomicU64::new(0),
+            elections: AtomicU64::new(0),
         });
+        tokio::spawn(election_loop(Arc::downgrade(&inner)));
         if inner.cfg.voters.iter().min() == Some(&inner.me) {
             tokio::spawn(initializer(Arc::downgrade(&inner)));
         }
@@ -1006,28 +1250,94 @@ impl Plugin for ConsensusPlugin {
         let i = &self.inner;
         let from_node = matches!(caller, Caller::Node(_));
         match req {
-            ConsensusRequest::AppendEntries(r) if from_node => Ok(
-                ConsensusResponse::AppendEntries(i.raft.append_entries(r).await),
-            ),
+            ConsensusRequest::AppendEntries(r) if from_node => {
+                let r = i.raft.append_entries(r).await;
+                // Any answer but "your vote is stale" means the sender is the leader.
+                if matches!(&r, Ok(a) if !matches!(a, AppendEntriesResponse::HigherVote(_))) {
+                    i.touch();
+                }
+                Ok(ConsensusResponse::AppendEntries(r))
+            }
             ConsensusRequest::Vote(r) if from_node => {
-                Ok(ConsensusResponse::Vote(i.raft.vote(r).await))
+                let r = i.raft.vote(r).await;
+                if matches!(&r, Ok(v) if v.vote_granted) {
+                    i.touch(); // Raft: granting a vote restarts the election clock
+                }
+                Ok(ConsensusResponse::Vote(r))
             }
             ConsensusRequest::InstallSnapshot(r) if from_node => Ok(
                 ConsensusResponse::InstallSnapshot(i.raft.install_snapshot(r).await),
             ),
-            ConsensusRequest::Forwarded { hops, req } if from_node => {
+            ConsensusRequest::PreVote { last_log_id } if from_node => {
+                Ok(ConsensusResponse::PreVote {
+                    granted: i.grant_pre_vote(last_log_id),
+                })
+            }
+            ConsensusRequest::Forwarded { hops, id, req } if from_node => {
                 if matches!(*req, ConsensusRequest::Forwarded { .. }) || hops > MAX_HOPS {
                     return Err(RpcError::refused("malformed forwarded request"));
                 }
-                i.client(*req, hops).await
+                i.client(*req, hops, id).await
             }
             ConsensusRequest::AppendEntries(_)
             | ConsensusRequest::Vote(_)
             | ConsensusRequest::InstallSnapshot(_)
+            | ConsensusRequest::PreVote { .. }
             | ConsensusRequest::Forwarded { .. } => Err(RpcError::refused(
                 "Raft messages are accepted from cluster nodes only",
             )),
-            req => i.client(req, 0).await,
+            req => i.client(req, 0, None).await,
+        }
+    }
+}
+
+/// Elections, driven here instead of by openraft's timer (`enable_elect` is off): a voter
+/// that has heard from no leader for its election timeout (drawn again at random from
+/// `election_min_ms..election_max_ms` after every attempt, so two candidates that collided
+/// do not collide again) first asks the other voters for a pre-vote and starts a real
+/// election only if a majority would vote for it. A node that cannot win (cut off, stale
+/// log, just restarted while the leader is fine) thus never raises the term and never makes
+/// a working leader step down.
+async fn election_loop(weak: Weak<Inner>) {
+    let Some((min, max, tick)) = weak.upgrade().map(|i| {
+        (
+            i.cfg.election_min_ms,
+            i.cfg.election_max_ms,
+            Duration::from_millis((i.cfg.heartbeat_ms / 2).clamp(5, 50)),
+        )
+    }) else {
+        return;
+    };
+    let draw = || Duration::from_millis(rand::Rng::gen_range(&mut rand::thread_rng(), min..max));
+    let mut timeout = draw();
+    loop {
+        tokio::time::sleep(tick).await;
+        let Some(inner) = weak.upgrade() else { return };
+        let m = inner.metrics();
+        let mem = m.membership_config.membership();
+        let voter = mem.voter_ids().any(|v| v == inner.my_id);
+        if !voter || m.state == ServerState::Leader || m.state == ServerState::Shutdown {
+            inner.touch();
+            continue;
+        }
+        if inner.quiet_for() < timeout {
+            continue;
+        }
+        inner.touch();
+        timeout = draw();
+        let alone = mem.voter_ids().all(|v| v == inner.my_id);
+        inner.pre_votes.fetch_add(1, Ordering::Relaxed);
+        if alone || inner.pre_vote(&m).await {
+            inner.elections.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(
+                term = m.current_term,
+                "consensus: pre-vote won; starting an election"
+            );
+            if let Err(e) = inner.raft.trigger().elect().await {
+                tracing::warn!("consensus: starting an election failed: {e}");
+            }
+        } else {
+            tracing::debug!("consensus: pre-vote lost; no election");
         }
     }
 }

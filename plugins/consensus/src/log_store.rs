@@ -342,6 +342,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 }
 
 impl LogStore {
+    /// The last log id (entries, else the last purged one).
+    pub(crate) fn last_log_id(&self) -> Option<LogId> {
+        self.lock().last_log_id()
+    }
+
     /// WAL figures (status).
     pub(crate) fn wal_stats(&self) -> dsys_runtime::storage::WalStats {
         self.wal().stats()

@@ -59,8 +59,8 @@ fn net_err<E: std::error::Error>(e: RpcError) -> RpcErr<E> {
     }
 }
 
-/// Rough encoded size of an entry (keys and values dominate).
-pub(crate) fn approx_size(e: &Entry) -> usize {
+/// Rough encoded size of a command (keys and values dominate).
+fn cmd_size(c: &Command) -> usize {
     let ops = |ops: &[TxnOp]| -> usize {
         ops.iter()
             .map(|o| match o {
@@ -69,10 +69,10 @@ pub(crate) fn approx_size(e: &Entry) -> usize {
             })
             .sum()
     };
-    64 + match &e.payload {
-        EntryPayload::Normal(Command::Put { key, value, .. }) => key.len() + value.len(),
-        EntryPayload::Normal(Command::Delete { key, .. }) => key.len(),
-        EntryPayload::Normal(Command::Txn(t)) => {
+    match c {
+        Command::Put { key, value, .. } => key.len() + value.len(),
+        Command::Delete { key, .. } => key.len(),
+        Command::Txn(t) => {
             ops(&t.success)
                 + ops(&t.failure)
                 + t.compares
@@ -87,8 +87,16 @@ pub(crate) fn approx_size(e: &Entry) -> usize {
                     })
                     .sum::<usize>()
         }
-        EntryPayload::Normal(Command::LeaseExpire { ids }) => ids.len() * 8,
-        EntryPayload::Normal(_) => 16,
+        Command::LeaseExpire { ids } => ids.len() * 8,
+        Command::Once { cmd, .. } => 24 + cmd_size(cmd),
+        _ => 16,
+    }
+}
+
+/// Rough encoded size of an entry.
+pub(crate) fn approx_size(e: &Entry) -> usize {
+    64 + match &e.payload {
+        EntryPayload::Normal(c) => cmd_size(c),
         EntryPayload::Membership(m) => m.nodes().map(|(_, n)| n.addr.len() + 16).sum(),
         EntryPayload::Blank => 0,
     }

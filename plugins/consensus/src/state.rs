@@ -176,7 +176,46 @@ pub enum Command {
         /// Lease ids.
         ids: Vec<u64>,
     },
+    /// A client command tagged with its request id: applied at most once however many times
+    /// it reaches the log (a request re-sent after a leader change may be appended twice).
+    /// A repeat answers the first application's result.
+    Once {
+        /// Who sent it and which of its requests this is.
+        id: RequestId,
+        /// The command.
+        cmd: Box<Command>,
+    },
 }
+
+/// The identity of one client request, for at-most-once application: the client (a random
+/// id per sender incarnation), its request sequence number, and `floor`, the lowest sequence
+/// number the client still has in flight. Everything below the floor has been answered or
+/// given up on, so the state machine forgets those results and ignores late copies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct RequestId {
+    /// Client incarnation.
+    pub client: u64,
+    /// Request number (grows by one per request of this client).
+    pub seq: u64,
+    /// Lowest request number of this client still in flight when this one was sent.
+    pub floor: u64,
+}
+
+/// Results kept for one client's requests still in flight.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct Session {
+    /// Requests below this number are answered or abandoned: copies are ignored.
+    floor: u64,
+    /// Results of requests at or above the floor, for repeats.
+    results: BTreeMap<u64, CmdResult>,
+    /// Logical time of the last request (for evicting idle clients).
+    last_used: u64,
+}
+
+/// Most clients whose results are kept (the least recently active is forgotten first).
+pub const MAX_SESSIONS: usize = 1024;
+/// Most results kept per client (the oldest go first and raise its floor).
+pub const MAX_RESULTS_PER_SESSION: usize = 16_384;
 
 /// The result of one operation inside a transaction.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -285,6 +324,10 @@ pub struct KvState {
     history_cap: usize,
     /// Every event with revision `<= compacted` has been dropped from `history`.
     compacted: u64,
+    /// Request deduplication: results of in-flight requests by client (in snapshots).
+    sessions: BTreeMap<u64, Session>,
+    /// Counts tagged requests applied (the sessions' logical clock).
+    session_clock: u64,
 }
 
 impl Default for KvState {
@@ -312,7 +355,58 @@ impl KvState {
             history: VecDeque::new(),
             history_cap: history_cap.max(1),
             compacted: 0,
+            sessions: BTreeMap::new(),
+            session_clock: 0,
         }
+    }
+
+    /// Clients with request results kept for deduplication.
+    pub fn sessions(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// Apply a tagged command at most once (see [`Command::Once`]).
+    fn apply_once(&mut self, id: &RequestId, cmd: &Command) -> CmdResult {
+        self.session_clock += 1;
+        let clock = self.session_clock;
+        let s = self.sessions.entry(id.client).or_default();
+        s.last_used = clock;
+        if id.seq < s.floor {
+            return CmdResult::Refused(format!(
+                "request {} of client {:016x} was already answered or abandoned",
+                id.seq, id.client
+            ));
+        }
+        if let Some(r) = s.results.get(&id.seq) {
+            return r.clone();
+        }
+        if id.floor > s.floor {
+            s.floor = id.floor;
+            s.results = s.results.split_off(&id.floor);
+        }
+        let r = match cmd {
+            Command::Once { .. } => CmdResult::Refused("nested request ids".into()),
+            c => self.apply(c),
+        };
+        if let Some(s) = self.sessions.get_mut(&id.client) {
+            s.results.insert(id.seq, r.clone());
+            while s.results.len() > MAX_RESULTS_PER_SESSION {
+                if let Some((seq, _)) = s.results.pop_first() {
+                    s.floor = seq + 1;
+                }
+            }
+        }
+        if self.sessions.len() > MAX_SESSIONS {
+            let idle = self
+                .sessions
+                .iter()
+                .min_by_key(|(_, s)| s.last_used)
+                .map(|(c, _)| *c);
+            if let Some(c) = idle {
+                self.sessions.remove(&c);
+            }
+        }
+        r
     }
 
     /// The global revision.
@@ -595,6 +689,7 @@ impl KvState {
                 }
                 self.revoke(&present)
             }
+            Command::Once { id, cmd } => self.apply_once(id, cmd),
         }
     }
 
@@ -956,6 +1051,84 @@ mod tests {
         let w = s.watch("k", false, 8, 1).expect("watch");
         assert_eq!(w.events.len(), 1);
         assert_eq!(w.next_revision, 9);
+    }
+
+    fn tagged(client: u64, seq: u64, floor: u64, cmd: Command) -> Command {
+        Command::Once {
+            id: RequestId { client, seq, floor },
+            cmd: Box::new(cmd),
+        }
+    }
+
+    /// A request that reaches the log twice (re-sent after a leader change) is applied once,
+    /// and the repeat answers what the first application answered, even across a snapshot
+    /// (the sessions are part of the state that snapshots carry).
+    #[test]
+    fn a_tagged_request_is_applied_at_most_once() {
+        let mut s = KvState::new(100);
+        let first = s.apply(&tagged(7, 1, 1, put("k", "v1")));
+        assert_eq!(
+            first,
+            CmdResult::Put {
+                revision: 1,
+                prev: None
+            }
+        );
+        // Another client's write in between.
+        s.apply(&tagged(8, 1, 1, put("other", "x")));
+        // The duplicate: same answer, no new revision, version still 1.
+        assert_eq!(s.apply(&tagged(7, 1, 1, put("k", "v1"))), first);
+        assert_eq!(s.revision(), 2);
+        assert_eq!(s.get("k").map(|kv| kv.version), Some(1));
+        // Through a snapshot (the codec the plugin uses on disk).
+        let bytes = dsys_runtime::encode(&s).expect("encode");
+        let mut back: KvState = dsys_runtime::decode(&bytes).expect("decode");
+        assert_eq!(back, s);
+        assert_eq!(back.apply(&tagged(7, 1, 1, put("k", "v1"))), first);
+        assert_eq!(back.revision(), 2);
+        // The same payload under a new sequence number is a new request.
+        let again = back.apply(&tagged(7, 2, 1, put("k", "v1")));
+        assert_eq!(
+            again,
+            CmdResult::Put {
+                revision: 3,
+                prev: s.get("k").cloned()
+            }
+        );
+        // Once the client's floor passes a request, its result is forgotten and a late copy
+        // of it is ignored rather than applied again.
+        back.apply(&tagged(7, 3, 3, put("z", "1")));
+        assert!(matches!(
+            back.apply(&tagged(7, 1, 1, put("k", "v1"))),
+            CmdResult::Refused(_)
+        ));
+        assert_eq!(back.revision(), 4);
+        assert_eq!(back.get("k").map(|kv| kv.version), Some(2));
+        back.check_invariants().expect("invariants");
+    }
+
+    /// Results kept per client and the number of clients are bounded.
+    #[test]
+    fn dedup_state_is_bounded() {
+        let mut s = KvState::new(10);
+        for c in 0..(MAX_SESSIONS as u64 + 10) {
+            s.apply(&tagged(c, 1, 1, put("k", "v")));
+        }
+        assert_eq!(s.sessions(), MAX_SESSIONS);
+        // A client that never raises its floor keeps at most MAX_RESULTS_PER_SESSION.
+        let mut s = KvState::new(10);
+        for seq in 1..=(MAX_RESULTS_PER_SESSION as u64 + 5) {
+            s.apply(&tagged(1, seq, 1, put("k", "v")));
+        }
+        let kept = s.sessions.get(&1).map(|x| x.results.len());
+        assert_eq!(kept, Some(MAX_RESULTS_PER_SESSION));
+        // The oldest went first: a late copy of request 1 is not applied again.
+        let rev = s.revision();
+        assert!(matches!(
+            s.apply(&tagged(1, 1, 1, put("k", "v"))),
+            CmdResult::Refused(_)
+        ));
+        assert_eq!(s.revision(), rev);
     }
 
     mod props {

@@ -682,3 +682,128 @@ async fn snapshots_compact_the_log_and_a_new_voter_catches_up_from_one() {
     assert_eq!(st.keys, 301);
     c.shutdown().await;
 }
+
+/// Pre-vote: a voter cut off from the others (as a node that restarted while the leader was
+/// fine, or sits behind a flaky link) keeps timing out, but cannot win a pre-vote, so it
+/// never raises the term and, once back, does not make the working leader step down. Without
+/// it, each timeout was a real election at a higher term and the leader lost its post on
+/// contact with the higher term (term churn under chaos).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cut_off_voter_does_not_raise_the_term_or_depose_the_leader() {
+    let c = Cluster::new(3, 3, voters3()).await;
+    let leader = c.leader(&["n1", "n2", "n3"]).await;
+    c.put(&leader, "before", "1").await.expect("put");
+    let before = c.status(&leader).await.expect("status");
+    let lonely = ["n1", "n2", "n3"]
+        .into_iter()
+        .find(|n| *n != leader)
+        .expect("a follower")
+        .to_string();
+    let others: Vec<String> = c.nodes.keys().filter(|n| **n != lonely).cloned().collect();
+    let cut = FaultCommand::Partition(vec![vec![lonely.clone()], others]);
+    for n in c.nodes.values() {
+        n.faults().apply(cut.clone()).expect("partition");
+    }
+    // Let it time out and ask for pre-votes several times.
+    let c = &c;
+    let st = wait_for("the cut-off voter tries pre-votes three times", || {
+        let lonely = lonely.clone();
+        async move { c.status(&lonely).await.filter(|s| s.pre_votes >= 3) }
+    })
+    .await;
+    assert_eq!(
+        st.elections, 0,
+        "a lost pre-vote must not start an election"
+    );
+    assert_eq!(st.term, before.term, "the cut-off voter raised its term");
+    // The majority side is undisturbed meanwhile.
+    c.put(&leader, "during", "2").await.expect("majority put");
+    for n in c.nodes.values() {
+        n.faults().apply(FaultCommand::Heal).expect("heal");
+    }
+    // Back in touch: it follows the same leader, at the same term.
+    wait_for("the cut-off voter catches up", || {
+        let lonely = lonely.clone();
+        async move {
+            (c.get(&lonely, "during", true).await.ok()?.as_deref() == Some("2")).then_some(())
+        }
+    })
+    .await;
+    let after = c.status(&leader).await.expect("status");
+    assert_eq!(after.state, "leader", "the leader was deposed");
+    assert_eq!(after.term, before.term, "the term moved");
+    assert_eq!(
+        c.status(&lonely).await.expect("status").leader.as_deref(),
+        Some(leader.as_str())
+    );
+}
+
+/// At-most-once writes: the same tagged write delivered twice (as when a node re-sends it to
+/// a new leader after the old one had already appended it) is applied once; both deliveries
+/// get the first application's answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_write_delivered_twice_is_applied_once() {
+    use dsys_plugin_consensus::state::RequestId;
+    let c = Cluster::new(3, 3, voters3()).await;
+    let leader = c.leader(&["n1", "n2", "n3"]).await;
+    let follower = ["n1", "n2", "n3"]
+        .into_iter()
+        .find(|n| *n != leader)
+        .expect("a follower");
+    let rev0 = c.put(&leader, "other", "x").await.expect("put");
+    let id = RequestId {
+        client: 0xfeed,
+        seq: 1,
+        floor: 1,
+    };
+    let tagged = |hops| ConsensusRequest::Forwarded {
+        hops,
+        id: Some(id),
+        req: Box::new(ConsensusRequest::Put {
+            key: "once".into(),
+            value: "v".into(),
+            lease: None,
+        }),
+    };
+    // First copy through a follower (forwarded to the leader), the second straight to the
+    // leader, as a re-send after a leader change would arrive.
+    let rpc = c.nodes[follower].rpc();
+    let a = rpc
+        .call::<ConsensusApi>(follower, &tagged(0))
+        .await
+        .expect("first delivery");
+    let b = rpc
+        .call::<ConsensusApi>(&leader, &tagged(1))
+        .await
+        .expect("second delivery");
+    let (ConsensusResponse::Put { revision: ra, .. }, ConsensusResponse::Put { revision: rb, .. }) =
+        (&a, &b)
+    else {
+        panic!("unexpected answers {a:?} / {b:?}");
+    };
+    assert_eq!(ra, rb, "the repeat must answer the first application");
+    assert_eq!(*ra, rev0 + 1);
+    // A linearizable read: the revision of the state read counts every applied change.
+    match c
+        .call(
+            follower,
+            ConsensusRequest::Get {
+                key: "once".into(),
+                prefix: false,
+                serializable: false,
+                limit: 1,
+            },
+        )
+        .await
+        .expect("get")
+    {
+        ConsensusResponse::Range { kvs, revision, .. } => {
+            assert_eq!(kvs.len(), 1);
+            assert_eq!(kvs[0].version, 1, "applied more than once");
+            assert_eq!(revision, rev0 + 1, "the write was applied twice");
+        }
+        other => panic!("unexpected answer {other:?}"),
+    }
+    // Clients cannot send tagged (forwarded) requests themselves.
+    assert!(c.call(&leader, tagged(0)).await.is_err());
+}
