@@ -5,7 +5,8 @@ use std::collections::BTreeMap;
 use dsys_runtime::Render;
 use serde::{Deserialize, Serialize};
 
-use crate::core::{Decision, Rule};
+use crate::core::Decision;
+use crate::reload::ActiveRule;
 
 dsys_runtime::plugin_api!(
     RatelimitApi,
@@ -40,7 +41,7 @@ pub enum RatelimitRequest {
         /// Units.
         cost: u64,
     },
-    /// The rules this node enforces.
+    /// The rules this node enforces (cluster.toml's overlaid by config's).
     Rules,
 }
 
@@ -58,8 +59,8 @@ pub enum RatelimitResponse {
         /// The decision.
         decision: Decision,
     },
-    /// Rules by name.
-    Rules(BTreeMap<String, Rule>),
+    /// Rules in force on the node that answered, by name, with their source.
+    Rules(BTreeMap<String, ActiveRule>),
 }
 
 /// `dsys ratelimit ...`
@@ -76,7 +77,7 @@ pub enum RatelimitCommand {
         #[arg(long, default_value_t = 1)]
         cost: u64,
     },
-    /// List the configured rules.
+    /// List the rules in force on the node that answers, and where each comes from.
     Rules,
 }
 
@@ -114,13 +115,16 @@ impl Render for RatelimitResponse {
                 s
             }
             RatelimitResponse::Rules(rules) => {
-                let mut s = String::from("rule             algorithm        limit   window_ms\n");
-                for (n, r) in rules {
+                let mut s =
+                    String::from("rule             algorithm        limit   window_ms  source\n");
+                for (n, a) in rules {
+                    let r = &a.rule;
                     s.push_str(&format!(
-                        "{n:<16} {:<16} {:>6} {:>11}\n",
+                        "{n:<16} {:<16} {:>6} {:>11}  {}\n",
                         r.algorithm.to_string(),
                         r.limit,
-                        r.window_ms
+                        r.window_ms,
+                        a.source
                     ));
                 }
                 s

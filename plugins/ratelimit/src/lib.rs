@@ -2,12 +2,15 @@
 //! decision is made by the key's owner on the ring, where the key's limiter lives in memory;
 //! so a client spreading requests over every node still gets exactly the rule's limit.
 //! Four algorithms (token bucket, fixed window, sliding log, sliding counter) live in the
-//! pure [`core`], driven by time passed in.
+//! pure [`core`], driven by time passed in. Rules come from cluster.toml and, live, from
+//! the `config` plugin ([`reload`](crate::reload)): a `dsys config put ratelimit/rules/NAME`
+//! changes every node's rules within a second.
 #![warn(missing_docs, unreachable_pub)]
 
 mod api;
 pub mod core;
 mod http;
+mod reload;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -20,6 +23,7 @@ use serde::{Deserialize, Serialize};
 pub use api::{
     RatelimitApi, RatelimitCommand, RatelimitRequest, RatelimitResponse, MAX_COST, MAX_KEY_BYTES,
 };
+pub use reload::{merge, ActiveRule, RuleSource, CONFIG_RULES_PREFIX, CONSENSUS_RULES_PREFIX};
 
 use crate::core::{Limiter, Rule};
 
@@ -33,6 +37,14 @@ pub struct RatelimitConfig {
     /// Most keys tracked at once on one node; idle limiters are dropped first.
     #[serde(default = "default_max_keys")]
     pub max_keys: usize,
+    /// Follow the rules kept in the `config` plugin (`ratelimit/rules/NAME`), which overlay
+    /// these ones name by name (default true).
+    #[serde(default = "default_live_reload")]
+    pub live_reload: bool,
+}
+
+fn default_live_reload() -> bool {
+    true
 }
 
 fn default_max_keys() -> usize {
@@ -42,20 +54,29 @@ fn default_max_keys() -> usize {
 /// The plugin instance.
 pub struct RatelimitPlugin {
     ctx: PluginContext,
-    config: RatelimitConfig,
+    max_keys: usize,
+    /// The rules in force (cluster.toml's overlaid by config's), swapped by the reload task.
+    rules: Arc<reload::Shared>,
     limiters: Arc<DashMap<(String, String), Tracked>>,
-    /// Decisions taken here per rule: (allowed, limited), for the dashboard and `/metrics`.
-    decisions: BTreeMap<String, (RateMeter, RateMeter)>,
+    /// Decisions taken here per rule name: (allowed, limited), for the dashboard and
+    /// `/metrics`; kept when the rule changes or goes.
+    decisions: DashMap<String, Arc<(RateMeter, RateMeter)>>,
     epoch: tokio::time::Instant,
     sweeper: tokio::task::JoinHandle<()>,
+    reloader: Option<tokio::task::JoinHandle<()>>,
 }
 
-/// A key's limiter and what it decided, for the dashboard's top keys.
+/// A key's limiter, the rule it was made for, and what it decided (dashboard's top keys).
 struct Tracked {
     limiter: Limiter,
+    /// A limiter whose rule changed since is started afresh under the new rule.
+    rule: Rule,
     allowed: u64,
     limited: u64,
 }
+
+/// Counts of one rule's decisions: (allowed, limited).
+type Meters = Arc<(RateMeter, RateMeter)>;
 
 /// Keys shown on the dashboard.
 const TOP_KEYS: usize = 10;
@@ -69,6 +90,9 @@ impl std::fmt::Debug for RatelimitPlugin {
 impl Drop for RatelimitPlugin {
     fn drop(&mut self) {
         self.sweeper.abort();
+        if let Some(r) = &self.reloader {
+            r.abort();
+        }
     }
 }
 
@@ -77,18 +101,22 @@ fn now_ms(epoch: tokio::time::Instant) -> u64 {
 }
 
 impl RatelimitPlugin {
-    fn rule(&self, name: &str) -> Result<&Rule, RpcError> {
-        self.config.rules.get(name).ok_or_else(|| {
-            RpcError::Refused(format!(
+    fn rule(&self, name: &str) -> Result<Rule, RpcError> {
+        let rules = self.rules.rules();
+        match rules.get(name) {
+            Some(a) => Ok(a.rule.clone()),
+            None => Err(RpcError::Refused(format!(
                 "unknown rule `{name}`; configured: {}",
-                self.config
-                    .rules
-                    .keys()
-                    .cloned()
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ))
-        })
+                rules.keys().cloned().collect::<Vec<_>>().join(", ")
+            ))),
+        }
+    }
+
+    fn meters(&self, rule: &str) -> Meters {
+        if let Some(m) = self.decisions.get(rule) {
+            return m.clone();
+        }
+        self.decisions.entry(rule.to_string()).or_default().clone()
     }
 
     fn check_input(&self, rule: &str, key: &str, cost: u64) -> Result<Rule, RpcError> {
@@ -100,7 +128,7 @@ impl RatelimitPlugin {
         if cost > MAX_COST {
             return Err(RpcError::Refused(format!("cost must be 0..={MAX_COST}")));
         }
-        self.rule(rule).cloned()
+        self.rule(rule)
     }
 
     /// Decide locally: this node holds the key's limiter.
@@ -113,12 +141,12 @@ impl RatelimitPlugin {
     ) -> Result<RatelimitResponse, RpcError> {
         let now = now_ms(self.epoch);
         let k = (rule_name.clone(), key.clone());
-        if !self.limiters.contains_key(&k) && self.limiters.len() >= self.config.max_keys {
+        if !self.limiters.contains_key(&k) && self.limiters.len() >= self.max_keys {
             self.limiters.retain(|_, t| !t.limiter.is_idle(now));
-            if self.limiters.len() >= self.config.max_keys {
+            if self.limiters.len() >= self.max_keys {
                 return Err(RpcError::Refused(format!(
                     "this node already tracks {} keys (plugins.ratelimit.max_keys)",
-                    self.config.max_keys
+                    self.max_keys
                 )));
             }
         }
@@ -126,9 +154,15 @@ impl RatelimitPlugin {
         let decision = {
             let mut t = self.limiters.entry(k).or_insert_with(|| Tracked {
                 limiter: Limiter::new(rule, now),
+                rule: rule.clone(),
                 allowed: 0,
                 limited: 0,
             });
+            if t.rule != *rule {
+                // The rule was changed (config reload) since this limiter was made.
+                t.limiter = Limiter::new(rule, now);
+                t.rule = rule.clone();
+            }
             let d = t.limiter.check(now, cost);
             if d.allowed {
                 t.allowed += 1;
@@ -137,9 +171,8 @@ impl RatelimitPlugin {
             }
             d
         };
-        if let Some((a, l)) = self.decisions.get(&rule_name) {
-            if decision.allowed { a } else { l }.mark(1);
-        }
+        let m = self.meters(&rule_name);
+        if decision.allowed { &m.0 } else { &m.1 }.mark(1);
         Ok(RatelimitResponse::Decision {
             rule: rule_name,
             key,
@@ -165,11 +198,17 @@ impl Plugin for RatelimitPlugin {
             "counter",
             "Rate-limit decisions taken on this node (as the key's owner), by rule and outcome",
         );
-        let decisions = config
+        ctx.metrics.describe(
+            "dsys_config_reloads_total",
+            "counter",
+            "Times a plugin's live settings changed because the config plugin's did",
+        );
+        let decisions: DashMap<String, Meters> = config
             .rules
             .keys()
             .map(|r| (r.clone(), Default::default()))
             .collect();
+        let rules = Arc::new(reload::Shared::new(config.rules.clone()));
         let epoch = tokio::time::Instant::now();
         // Full limiters carry no information: drop them so memory follows active keys only.
         let sweeper = {
@@ -183,13 +222,39 @@ impl Plugin for RatelimitPlugin {
                 }
             })
         };
+        let reloader = config.live_reload.then(|| {
+            let cx = dsys_plugin_lock::recipe::Consensus::new(ctx.rpc.clone());
+            // A long poll that always answers well within the RPC deadline.
+            let wait_ms = (ctx.config.cluster.rpc_timeout_ms / 2).clamp(100, 5_000);
+            let (limiters, in_force, timeline, me) = (
+                limiters.clone(),
+                rules.clone(),
+                ctx.timeline.clone(),
+                ctx.node_id.clone(),
+            );
+            let on_change = move |changed: &[String]| {
+                // Limiters of unchanged rules keep their counts; the others start afresh.
+                let now = in_force.rules();
+                limiters.retain(|(r, _), t| now.get(r).map(|a| &a.rule) == Some(&t.rule));
+                let what = changed.join(", ");
+                tracing::info!("ratelimit: rules reloaded from config: {what}");
+                timeline.record(
+                    "ratelimit",
+                    &me,
+                    format!("rules reloaded from config: {what}"),
+                );
+            };
+            tokio::spawn(reload::run(cx, rules.clone(), wait_ms, on_change))
+        });
         Ok(RatelimitPlugin {
             ctx,
-            config,
+            max_keys: config.max_keys,
+            rules,
             limiters,
             decisions,
             epoch,
             sweeper,
+            reloader,
         })
     }
 
@@ -199,7 +264,9 @@ impl Plugin for RatelimitPlugin {
         req: RatelimitRequest,
     ) -> Result<RatelimitResponse, RpcError> {
         match req {
-            RatelimitRequest::Rules => Ok(RatelimitResponse::Rules(self.config.rules.clone())),
+            RatelimitRequest::Rules => Ok(RatelimitResponse::Rules(
+                self.rules.rules().as_ref().clone(),
+            )),
             RatelimitRequest::Decide { rule, key, cost } => {
                 let r = self.check_input(&rule, &key, cost)?;
                 self.decide(rule, key, cost, &r)
@@ -224,32 +291,48 @@ impl Plugin for RatelimitPlugin {
     }
 
     fn export_metrics(&self, m: &Metrics) {
-        for (rule, (a, l)) in &self.decisions {
+        for e in self.decisions.iter() {
+            let (a, l) = e.value().as_ref();
             for (outcome, meter) in [("allowed", a), ("limited", l)] {
                 m.set_counter(
                     "dsys_ratelimit_decisions_total",
-                    &[("rule", rule), ("outcome", outcome)],
+                    &[("rule", e.key()), ("outcome", outcome)],
                     meter.total(),
                 );
             }
         }
+        m.set_counter(
+            "dsys_config_reloads_total",
+            &[("plugin", "ratelimit")],
+            self.rules.reloads(),
+        );
     }
 
     fn panel(&self) -> Option<Panel> {
         let rate = |m: &RateMeter| m.rate().map_or("-".to_string(), |r| format!("{r:.1}/s"));
-        let rules = self.decisions.iter().map(|(name, (a, l))| {
-            let policy = self.config.rules.get(name).map_or(String::new(), |r| {
-                format!("{:?} {} per {} ms", r.algorithm, r.limit, r.window_ms)
-            });
-            vec![
-                name.clone(),
-                policy,
-                a.total().to_string(),
-                rate(a),
-                l.total().to_string(),
-                rate(l),
-            ]
-        });
+        let in_force = self.rules.rules();
+        let rules: Vec<Vec<String>> = in_force
+            .iter()
+            .map(|(name, active)| {
+                let r = &active.rule;
+                let policy = format!("{} {} per {} ms", r.algorithm, r.limit, r.window_ms);
+                let m = self
+                    .decisions
+                    .get(name)
+                    .map(|m| m.clone())
+                    .unwrap_or_default();
+                let (a, l) = m.as_ref();
+                vec![
+                    name.clone(),
+                    policy,
+                    active.source.to_string(),
+                    a.total().to_string(),
+                    rate(a),
+                    l.total().to_string(),
+                    rate(l),
+                ]
+            })
+            .collect();
         let mut top: Vec<(String, String, u64, u64)> = self
             .limiters
             .iter()
@@ -260,11 +343,14 @@ impl Plugin for RatelimitPlugin {
         Some(
             Panel::new("Rate limiter (keys owned here)")
                 .stat("keys tracked", self.limiters.len())
+                .stat("rules from", self.rules.status())
+                .stat("reloads", self.rules.reloads())
                 .table(
                     "Rules",
                     &[
                         "rule",
                         "policy",
+                        "source",
                         "allowed",
                         "allowed rate",
                         "limited",

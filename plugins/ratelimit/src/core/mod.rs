@@ -100,6 +100,7 @@ impl fmt::Display for Algorithm {
 /// A rate limit: at most `limit` units per `window_ms` milliseconds, enforced by
 /// `algorithm`.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Rule {
     /// The algorithm enforcing the limit.
     pub algorithm: Algorithm,
@@ -110,6 +111,21 @@ pub struct Rule {
 }
 
 impl Rule {
+    /// The one parser of a rule written as text (a `config` value of type `ratelimit-rule`,
+    /// e.g. `{"algorithm":"token_bucket","limit":10,"window_ms":60000}`): the same serde form
+    /// as a `[plugins.ratelimit.rules.NAME]` table of cluster.toml (unknown fields refused),
+    /// then [`Rule::validate`].
+    pub fn parse(text: &str) -> Result<Rule, String> {
+        let rule: Rule = serde_json::from_str(text.trim()).map_err(|e| {
+            format!(
+                "not a rate-limit rule ({e}); expected JSON like \
+                 {{\"algorithm\":\"token_bucket\",\"limit\":10,\"window_ms\":60000}}"
+            )
+        })?;
+        rule.validate()?;
+        Ok(rule)
+    }
+
     /// Refuses nonsense with a message naming the field: `limit` must be in
     /// `1..=1_000_000` (`1..=100_000` for `sliding_log`, which stores one
     /// timestamp per granted request) and `window_ms` in `1..=86_400_000` (one day).
@@ -260,6 +276,23 @@ mod tests {
             rule(Algorithm::TokenBucket, 1_000_000, 1).validate(),
             Ok(())
         );
+    }
+
+    #[test]
+    fn parse_is_serde_then_validate() {
+        let r = Rule::parse(r#" {"algorithm":"sliding_log","limit":5,"window_ms":1000} "#);
+        assert_eq!(r, Ok(rule(Algorithm::SlidingLog, 5, 1000)));
+        let err = |s: &str| Rule::parse(s).expect_err(s);
+        assert!(err(r#"{"algorithm":"sliding_log","limit":0,"window_ms":1000}"#).contains("limit"));
+        assert!(err(r#"{"algorithm":"leaky","limit":1,"window_ms":1000}"#)
+            .contains("not a rate-limit rule"));
+        assert!(err(r#"{"algorithm":"fixed_window","limit":1}"#).contains("window_ms"));
+        assert!(
+            err(r#"{"algorithm":"fixed_window","limit":1,"window_ms":5,"burst":2}"#)
+                .contains("burst")
+        );
+        assert!(err("").contains("not a rate-limit rule"));
+        assert!(err("10/60s").contains("expected JSON"));
     }
 
     /// Found by `never_panics`: the sliding counter's weighted sum overflowed `u128`.
