@@ -16,8 +16,10 @@
 //! acknowledged until the earlier of its release and its lease deadline computed on its own
 //! clock: the time it *sent* the last keep-alive that succeeded (or the acquire, whose lease
 //! was created after it was sent) plus the TTL, minus a margin. The lease cannot end earlier:
-//! the consensus leader sets the deadline to TTL after it *processed* the keep-alive. A holder
-//! checks that deadline before each action and gives the lock up once it passed; a holder
+//! the consensus leader sets the deadline to TTL after it *processed* the keep-alive. A grant
+//! acknowledged after the deadline counted from its acquire is no claim until a keep-alive
+//! succeeds (the lease, hence the key at the head of the queue, still existed then). A holder
+//! checks its deadline before each action and gives the lock up once it passed; a holder
 //! that wakes from SIGSTOP after its deadline therefore does not act, and releases.
 //!
 //! **Fencing.** The resource is one consensus key per lock holding the highest token written
