@@ -48,6 +48,21 @@ use types::Raft;
 const MAX_HOPS: u8 = 4;
 /// How often the leader checks leases.
 const LEASE_TICK: Duration = Duration::from_millis(100);
+/// Most client commands in one batch entry.
+const MAX_BATCH: usize = 1024;
+/// Most estimated bytes of commands in one batch entry (the WAL takes records to 4 MiB and
+/// one command is at most about 2 MiB).
+const MAX_BATCH_BYTES: usize = 1 << 20;
+/// Batches proposed and not yet applied at a time. openraft 0.9 appends (and fsyncs) one
+/// entry after the other, so while these are in flight the next batch fills up: the batch
+/// size follows the load (group commit), one fsync and one replication round per batch.
+const BATCHES_IN_FLIGHT: usize = 2;
+
+/// A client command waiting for its batch, and where its result goes.
+type Pending = (
+    Command,
+    tokio::sync::oneshot::Sender<Result<CmdResult, Route>>,
+);
 
 /// `[plugins.consensus]`.
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -135,6 +150,8 @@ struct Inner {
     /// Pre-vote rounds and elections started here.
     pre_votes: AtomicU64,
     elections: AtomicU64,
+    /// Client commands to batch into log entries (`batch_loop`).
+    batch_tx: tokio::sync::mpsc::UnboundedSender<Pending>,
 }
 
 /// Gives each client write received here a [`RequestId`]: this incarnation's random client
@@ -228,6 +245,7 @@ pub struct ConsensusPlugin {
 }
 
 /// Why the leader path could not serve a request here.
+#[derive(Clone)]
 enum Route {
     /// Another node leads (or none is known): try again through it.
     Forward(Option<u64>),
@@ -541,6 +559,56 @@ impl Inner {
         }
     }
 
+    /// Propose a client command through the batcher: it shares a log entry with the
+    /// commands that arrive while earlier batches are in flight.
+    async fn propose(&self, cmd: Command) -> Result<CmdResult, Route> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if self.batch_tx.send((cmd, tx)).is_err() {
+            return Err(Route::Fail(RpcError::Internal(
+                "the consensus batcher stopped".into(),
+            )));
+        }
+        rx.await.unwrap_or_else(|_| {
+            Err(Route::Fail(RpcError::Internal(
+                "the consensus batcher dropped a request".into(),
+            )))
+        })
+    }
+
+    /// Write one batch and hand each command its own result.
+    async fn write_batch(&self, mut batch: Vec<Pending>) {
+        if batch.len() == 1 {
+            if let Some((cmd, tx)) = batch.pop() {
+                let _ = tx.send(self.write(cmd).await);
+            }
+            return;
+        }
+        let (cmds, txs): (Vec<Command>, Vec<_>) = batch.into_iter().unzip();
+        let n = txs.len();
+        match self.write(Command::Batch(cmds)).await {
+            Ok(CmdResult::Batch(rs)) if rs.len() == n => {
+                for (r, tx) in rs.into_iter().zip(txs) {
+                    let _ = tx.send(match r {
+                        CmdResult::Refused(m) => Err(Route::Fail(RpcError::Refused(m))),
+                        r => Ok(r),
+                    });
+                }
+            }
+            Ok(_) => {
+                for tx in txs {
+                    let _ = tx.send(Err(Route::Fail(RpcError::Internal(
+                        "unexpected state-machine result for a batch".into(),
+                    ))));
+                }
+            }
+            Err(route) => {
+                for tx in txs {
+                    let _ = tx.send(Err(route.clone()));
+                }
+            }
+        }
+    }
+
     /// Confirm leadership with a quorum (read index) and wait until it is applied here.
     async fn linearize(&self) -> Result<(), Route> {
         let budget = self.ctx.rpc.default_timeout();
@@ -615,7 +683,7 @@ impl Inner {
         };
         match req {
             R::Put { key, value, lease } => resp(
-                self.write(once(
+                self.propose(once(
                     Command::Put {
                         key: key.clone(),
                         value: value.clone(),
@@ -626,7 +694,7 @@ impl Inner {
                 .await?,
             ),
             R::Delete { key, prefix } => resp(
-                self.write(once(
+                self.propose(once(
                     Command::Delete {
                         key: key.clone(),
                         prefix: *prefix,
@@ -635,10 +703,10 @@ impl Inner {
                 ))
                 .await?,
             ),
-            R::Txn(t) => resp(self.write(once(Command::Txn(t.clone()), id)).await?),
+            R::Txn(t) => resp(self.propose(once(Command::Txn(t.clone()), id)).await?),
             R::LeaseGrant { ttl_ms } => {
                 let r = resp(
-                    self.write(once(Command::LeaseGrant { ttl_ms: *ttl_ms }, id))
+                    self.propose(once(Command::LeaseGrant { ttl_ms: *ttl_ms }, id))
                         .await?,
                 )?;
                 if let ConsensusResponse::LeaseGranted { id, ttl_ms } = &r {
@@ -650,7 +718,7 @@ impl Inner {
                 Ok(r)
             }
             R::LeaseRevoke { id: lease } => resp(
-                self.write(once(Command::LeaseRevoke { id: *lease }, id))
+                self.propose(once(Command::LeaseRevoke { id: *lease }, id))
                     .await?,
             ),
             R::LeaseKeepAlive { id } => {
@@ -1130,6 +1198,7 @@ impl Plugin for ConsensusPlugin {
         .await
         .map_err(|e| format!("starting raft: {e}"))?;
         tracing::info!(node = %me, ?recovery, "consensus: started");
+        let (batch_tx, batch_rx) = tokio::sync::mpsc::unbounded_channel();
         let inner = Arc::new(Inner {
             ctx,
             me,
@@ -1144,7 +1213,9 @@ impl Plugin for ConsensusPlugin {
             contact: Mutex::new(Instant::now()),
             pre_votes: AtomicU64::new(0),
             elections: AtomicU64::new(0),
+            batch_tx,
         });
+        tokio::spawn(batch_loop(Arc::downgrade(&inner), batch_rx));
         tokio::spawn(election_loop(Arc::downgrade(&inner)));
         if inner.cfg.voters.iter().min() == Some(&inner.me) {
             tokio::spawn(initializer(Arc::downgrade(&inner)));
@@ -1339,6 +1410,46 @@ async fn election_loop(weak: Weak<Inner>) {
         } else {
             tracing::debug!("consensus: pre-vote lost; no election");
         }
+    }
+}
+
+/// Group commit: collect the client commands that queued up while `BATCHES_IN_FLIGHT`
+/// batches were in flight into one `Command::Batch` entry.
+async fn batch_loop(weak: Weak<Inner>, mut rx: tokio::sync::mpsc::UnboundedReceiver<Pending>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(BATCHES_IN_FLIGHT));
+    let mut carry: Option<Pending> = None;
+    loop {
+        let first = match carry.take() {
+            Some(p) => p,
+            None => match rx.recv().await {
+                Some(p) => p,
+                None => return,
+            },
+        };
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let mut bytes = network::cmd_size(&first.0);
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(p) => {
+                    let b = network::cmd_size(&p.0);
+                    if bytes + b > MAX_BATCH_BYTES {
+                        carry = Some(p);
+                        break;
+                    }
+                    bytes += b;
+                    batch.push(p);
+                }
+                Err(_) => break,
+            }
+        }
+        let Some(inner) = weak.upgrade() else { return };
+        tokio::spawn(async move {
+            let _permit = permit;
+            inner.write_batch(batch).await;
+        });
     }
 }
 

@@ -60,7 +60,7 @@ fn net_err<E: std::error::Error>(e: RpcError) -> RpcErr<E> {
 }
 
 /// Rough encoded size of a command (keys and values dominate).
-fn cmd_size(c: &Command) -> usize {
+pub(crate) fn cmd_size(c: &Command) -> usize {
     let ops = |ops: &[TxnOp]| -> usize {
         ops.iter()
             .map(|o| match o {
@@ -89,6 +89,7 @@ fn cmd_size(c: &Command) -> usize {
         }
         Command::LeaseExpire { ids } => ids.len() * 8,
         Command::Once { cmd, .. } => 24 + cmd_size(cmd),
+        Command::Batch(cmds) => cmds.iter().map(|c| 8 + cmd_size(c)).sum(),
         _ => 16,
     }
 }

@@ -79,8 +79,8 @@ impl SmStore {
             Ok(b) => {
                 let snap: StoredSnapshot =
                     from_bytes(&b).map_err(|e| format!("{}: {e}", path.display()))?;
-                let state: KvState =
-                    from_bytes(&snap.data).map_err(|e| format!("{}: {e}", path.display()))?;
+                let state =
+                    KvState::decode(&snap.data).map_err(|e| format!("{}: {e}", path.display()))?;
                 (
                     SmInner {
                         state,
@@ -213,7 +213,7 @@ impl RaftStateMachine<TypeConfig> for SmStore {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError> {
         let data = snapshot.into_inner();
-        let state: KvState = from_bytes(&data).map_err(sm_err)?;
+        let state = KvState::decode(&data).map_err(sm_err)?;
         self.save(StoredSnapshot {
             meta: meta.clone(),
             data,

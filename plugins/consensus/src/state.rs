@@ -185,6 +185,9 @@ pub enum Command {
         /// The command.
         cmd: Box<Command>,
     },
+    /// Several client commands in one log entry (the leader batches concurrent writes so
+    /// that one append and one fsync carry many); applied in order as if one by one.
+    Batch(Vec<Command>),
 }
 
 /// The identity of one client request, for at-most-once application: the client (a random
@@ -286,6 +289,8 @@ pub enum CmdResult {
     Refused(String),
     /// A membership or blank entry (no state-machine effect).
     None,
+    /// The results of a [`Command::Batch`], in order.
+    Batch(Vec<CmdResult>),
 }
 
 /// What a watch poll returns.
@@ -328,6 +333,42 @@ pub struct KvState {
     sessions: BTreeMap<u64, Session>,
     /// Counts tagged requests applied (the sessions' logical clock).
     session_clock: u64,
+}
+
+/// [`KvState`] as snapshots before request deduplication stored it (no sessions).
+#[derive(Deserialize)]
+struct KvStateV1 {
+    kv: BTreeMap<String, KeyValue>,
+    revision: u64,
+    leases: BTreeMap<u64, Lease>,
+    next_lease: u64,
+    history: VecDeque<Event>,
+    history_cap: usize,
+    compacted: u64,
+}
+
+impl KvState {
+    /// Read a state written by [`dsys_runtime::encode`], also in the layout of snapshots
+    /// taken before request deduplication (they start with no sessions).
+    pub fn decode(bytes: &[u8]) -> Result<KvState, String> {
+        match dsys_runtime::decode::<KvState>(bytes) {
+            Ok(s) => Ok(s),
+            Err(e) => match dsys_runtime::decode::<KvStateV1>(bytes) {
+                Ok(v) => Ok(KvState {
+                    kv: v.kv,
+                    revision: v.revision,
+                    leases: v.leases,
+                    next_lease: v.next_lease,
+                    history: v.history,
+                    history_cap: v.history_cap,
+                    compacted: v.compacted,
+                    sessions: BTreeMap::new(),
+                    session_clock: 0,
+                }),
+                Err(_) => Err(e.to_string()),
+            },
+        }
+    }
 }
 
 impl Default for KvState {
@@ -385,7 +426,9 @@ impl KvState {
             s.results = s.results.split_off(&id.floor);
         }
         let r = match cmd {
-            Command::Once { .. } => CmdResult::Refused("nested request ids".into()),
+            Command::Once { .. } | Command::Batch(_) => {
+                CmdResult::Refused("nested request ids".into())
+            }
             c => self.apply(c),
         };
         if let Some(s) = self.sessions.get_mut(&id.client) {
@@ -690,6 +733,14 @@ impl KvState {
                 self.revoke(&present)
             }
             Command::Once { id, cmd } => self.apply_once(id, cmd),
+            Command::Batch(cmds) => CmdResult::Batch(
+                cmds.iter()
+                    .map(|c| match c {
+                        Command::Batch(_) => CmdResult::Refused("nested batch".into()),
+                        c => self.apply(c),
+                    })
+                    .collect(),
+            ),
         }
     }
 
@@ -1105,6 +1156,70 @@ mod tests {
         assert_eq!(back.revision(), 4);
         assert_eq!(back.get("k").map(|kv| kv.version), Some(2));
         back.check_invariants().expect("invariants");
+    }
+
+    /// A batch applies its commands in order, each with its own revision and result, and
+    /// deduplicates tagged ones like single commands.
+    #[test]
+    fn a_batch_applies_in_order() {
+        let mut s = KvState::new(100);
+        let r = s.apply(&Command::Batch(vec![
+            tagged(1, 1, 1, put("a", "1")),
+            put("a", "2"),
+            Command::LeaseRevoke { id: 9 },
+            tagged(1, 1, 1, put("a", "1")),
+        ]));
+        let CmdResult::Batch(rs) = r else {
+            panic!("not a batch result: {r:?}")
+        };
+        assert_eq!(rs.len(), 4);
+        assert_eq!(
+            rs[0],
+            CmdResult::Put {
+                revision: 1,
+                prev: None
+            }
+        );
+        assert!(matches!(rs[1], CmdResult::Put { revision: 2, .. }));
+        assert!(matches!(rs[2], CmdResult::Refused(_)));
+        assert_eq!(
+            rs[3], rs[0],
+            "the repeat inside the batch answers the first"
+        );
+        assert_eq!(s.get("a").map(|kv| kv.value.as_str()), Some("2"));
+        assert_eq!(s.revision(), 2);
+    }
+
+    /// A snapshot written before sessions existed still loads.
+    #[test]
+    fn snapshots_without_sessions_still_load() {
+        #[derive(Serialize)]
+        struct V1<'a> {
+            kv: &'a BTreeMap<String, KeyValue>,
+            revision: u64,
+            leases: &'a BTreeMap<u64, Lease>,
+            next_lease: u64,
+            history: &'a VecDeque<Event>,
+            history_cap: usize,
+            compacted: u64,
+        }
+        let mut s = KvState::new(100);
+        s.apply(&put("a", "1"));
+        s.apply(&Command::LeaseGrant { ttl_ms: 1000 });
+        let old = dsys_runtime::encode(&V1 {
+            kv: &s.kv,
+            revision: s.revision,
+            leases: &s.leases,
+            next_lease: s.next_lease,
+            history: &s.history,
+            history_cap: s.history_cap,
+            compacted: s.compacted,
+        })
+        .expect("encode");
+        assert_eq!(KvState::decode(&old).expect("decode v1"), s);
+        let new = dsys_runtime::encode(&s).expect("encode");
+        assert_eq!(KvState::decode(&new).expect("decode"), s);
+        assert!(KvState::decode(b"garbage").is_err());
     }
 
     /// Results kept per client and the number of clients are bounded.
