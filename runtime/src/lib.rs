@@ -48,41 +48,7 @@ pub use transport::{read_frame, write_frame, Transport, TransportOptions};
 /// Re-exported so plugins build HTTP routes with the same axum version as the gateway.
 pub use axum;
 
-/// Test-only helpers (feature `testsuite`): raw access to the wire for bad-input tests.
+/// Test-only helpers (feature `testsuite`): an in-process cluster of real nodes running any
+/// set of plugins, condition waits with deadlines, and raw access to the wire.
 #[cfg(feature = "testsuite")]
-pub mod testkit {
-    use std::net::SocketAddr;
-    use std::time::Duration;
-
-    use crate::{RpcError, TlsIdentity, TransportOptions};
-
-    /// Open a raw bi-stream to the node at `addr` presenting `id`, to write arbitrary bytes.
-    pub async fn raw_stream(
-        addr: SocketAddr,
-        id: &TlsIdentity,
-    ) -> Result<(quinn::Endpoint, quinn::SendStream, quinn::RecvStream), RpcError> {
-        crate::tls::install_crypto_provider();
-        let cfg = crate::transport::client_config(id, &TransportOptions::default())
-            .map_err(|e| RpcError::Internal(e.to_string()))?;
-        let ep = quinn::Endpoint::client("127.0.0.1:0".parse().expect("literal"))
-            .map_err(|e| RpcError::Internal(e.to_string()))?;
-        let conn = crate::transport::connect(
-            &ep,
-            cfg,
-            addr,
-            crate::tls::ANY_NODE_NAME,
-            Duration::from_secs(5),
-        )
-        .await?;
-        let (s, r) = conn
-            .open_bi()
-            .await
-            .map_err(|e| RpcError::Unreachable(e.to_string()))?;
-        Ok((ep, s, r))
-    }
-
-    /// Decode a response frame body as the transport does.
-    pub fn decode_response(buf: &[u8]) -> Result<Result<Vec<u8>, RpcError>, RpcError> {
-        Ok(crate::codec::decode::<Result<Vec<u8>, RpcError>>(buf)?)
-    }
-}
+pub mod testkit;
