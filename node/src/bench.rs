@@ -300,32 +300,11 @@ pub async fn kv(
     let errors = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
     let end = start + b.duration;
-    let bar = if b.progress {
-        let pb = indicatif::ProgressBar::new(b.duration.as_millis() as u64);
-        pb.set_style(
-            indicatif::ProgressStyle::with_template("{bar:40} {elapsed}/{duration} {msg}")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
-        Some(pb)
+    let (bar, ticker) = if b.progress {
+        let (pb, h) = progress_line(b.duration, start, done.clone(), errors.clone());
+        (Some(pb), Some(h))
     } else {
-        None
-    };
-    let ticker = {
-        let (bar, done, errors) = (bar.clone(), done.clone(), errors.clone());
-        tokio::spawn(async move {
-            let Some(bar) = bar else { return };
-            loop {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                let el = start.elapsed();
-                let ops = done.load(Ordering::Relaxed);
-                bar.set_position(el.as_millis() as u64);
-                bar.set_message(format!(
-                    "{ops} ops, {:.0} ops/s, {} errors",
-                    ops as f64 / el.as_secs_f64().max(0.001),
-                    errors.load(Ordering::Relaxed)
-                ));
-            }
-        })
+        (None, None)
     };
     let mut workers = Vec::new();
     for w in 0..b.concurrency {
@@ -377,7 +356,9 @@ pub async fn kv(
         reads.extend(r);
         writes.extend(wr);
     }
-    ticker.abort();
+    if let Some(t) = ticker {
+        t.abort();
+    }
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
@@ -387,4 +368,208 @@ pub async fn kv(
         summarize("kv get", b.concurrency, reads, wall, 0),
         summarize("kv put", b.concurrency, writes, wall, errs),
     ))
+}
+
+/// Settings of `dsys bench raft`. The defaults are those of `etcdctl check perf --load=l`
+/// (etcd's `etcdctl/ctlv3/command/check.go`): 500 clients, puts of a fresh random key of
+/// 256 bytes under a prefix with a 1024-byte value, 60 s, rate-limited to 8000 puts/s.
+#[derive(Debug, Clone)]
+pub struct RaftBench {
+    /// Requests in flight (etcd: one client connection each; here spread over the endpoints).
+    pub concurrency: usize,
+    /// How long to issue requests.
+    pub duration: Duration,
+    /// Key bytes after the prefix.
+    pub key_size: usize,
+    /// Value bytes.
+    pub value_size: usize,
+    /// Most puts per second issued, over all workers (0: as fast as they complete).
+    pub rate: u64,
+    /// Key prefix; every key under it is deleted at the end (as `check perf` does).
+    pub prefix: String,
+    /// Show a progress line on stderr.
+    pub progress: bool,
+}
+
+/// What `dsys bench raft` measured.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RaftReport {
+    /// Puts: writes/s, p50/p99, errors.
+    pub writes: Figures,
+    /// Slowest acknowledged put in seconds (etcd's check fails above 0.5 s).
+    pub slowest_s: f64,
+    /// Standard deviation of the latencies in seconds (etcd's check fails above 0.1 s).
+    pub stddev_s: f64,
+    /// The rate limit in force (0: none).
+    pub rate: u64,
+}
+
+/// A progress line on stderr (elapsed/duration, operations, ops/s, errors) refreshed every
+/// 200 ms until the returned handle is aborted.
+fn progress_line(
+    duration: Duration,
+    start: Instant,
+    done: Arc<std::sync::atomic::AtomicU64>,
+    errors: Arc<std::sync::atomic::AtomicU64>,
+) -> (indicatif::ProgressBar, tokio::task::JoinHandle<()>) {
+    use std::sync::atomic::Ordering;
+    let pb = indicatif::ProgressBar::new(duration.as_millis() as u64);
+    pb.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {elapsed}/{duration} {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let bar = pb.clone();
+    let h = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let el = start.elapsed();
+            let ops = done.load(Ordering::Relaxed);
+            bar.set_position(el.as_millis() as u64);
+            bar.set_message(format!(
+                "{ops} ops, {:.0} ops/s, {} errors",
+                ops as f64 / el.as_secs_f64().max(0.001),
+                errors.load(Ordering::Relaxed)
+            ));
+        }
+    });
+    (pb, h)
+}
+
+/// Drive `consensus` puts against a running cluster the way `etcdctl check perf` drives etcd:
+/// `concurrency` workers (spread over every endpoint, each sending its next put when the last
+/// one is acknowledged), a fresh random key per put, an optional global rate limit. Every key
+/// under the prefix is deleted at the end.
+pub async fn raft(clients: Vec<dsys_runtime::Client>, b: RaftBench) -> anyhow::Result<RaftReport> {
+    use dsys_plugin_consensus::{ConsensusApi, ConsensusRequest};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    anyhow::ensure!(!clients.is_empty(), "no endpoints");
+    anyhow::ensure!(b.concurrency > 0, "concurrency must be at least 1");
+    let clients = Arc::new(clients);
+    // Incompressible filler: keys and values are slices of random printable bytes, so a
+    // transport that compresses gains nothing over etcd's (uncompressed) zero bytes.
+    let filler: Arc<Vec<u8>> = Arc::new({
+        use rand::Rng;
+        let mut r = rand::thread_rng();
+        (0..(64 << 10) + b.key_size.max(b.value_size))
+            .map(|_| r.gen_range(b'a'..=b'z'))
+            .collect()
+    });
+    let done = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    // The rate limiter hands out send times 1/rate apart (a token bucket of burst 1, as
+    // golang.org/x/time/rate with burst 1 in check perf), lock-free: the next free slot in
+    // nanoseconds since `origin`.
+    let origin = tokio::time::Instant::now();
+    let next_slot = Arc::new(AtomicU64::new(0));
+    let interval_ns = if b.rate > 0 { 1_000_000_000 / b.rate } else { 0 };
+    let start = Instant::now();
+    let end = start + b.duration;
+    let (bar, ticker) = if b.progress {
+        let (pb, h) = progress_line(b.duration, start, done.clone(), errors.clone());
+        (Some(pb), Some(h))
+    } else {
+        (None, None)
+    };
+    let mut workers = Vec::new();
+    for w in 0..b.concurrency {
+        let (clients, done, errors, b, filler, next_slot) = (
+            clients.clone(),
+            done.clone(),
+            errors.clone(),
+            b.clone(),
+            filler.clone(),
+            next_slot.clone(),
+        );
+        workers.push(tokio::spawn(async move {
+            let client = &clients[w % clients.len()];
+            let mut lat = Vec::new();
+            let mut i: u64 = rand::random::<u64>() | 1;
+            while Instant::now() < end {
+                if b.rate > 0 {
+                    let now = origin.elapsed().as_nanos() as u64;
+                    let prev = next_slot
+                        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                            Some(n.max(now) + interval_ns)
+                        })
+                        .unwrap_or(now);
+                    let at = prev.max(now);
+                    if at > now {
+                        tokio::time::sleep_until(origin + Duration::from_nanos(at)).await;
+                    }
+                    if Instant::now() >= end {
+                        break;
+                    }
+                }
+                i = i
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let off = (i >> 20) as usize % (64 << 10);
+                let id = format!("{:016x}", i ^ (i >> 29));
+                let mut key = String::with_capacity(b.prefix.len() + b.key_size);
+                key.push_str(&b.prefix);
+                key.push_str(&id[..id.len().min(b.key_size)]);
+                let pad = b.key_size.saturating_sub(id.len());
+                key.push_str(std::str::from_utf8(&filler[off..off + pad]).unwrap_or_default());
+                let value = std::str::from_utf8(&filler[off..off + b.value_size])
+                    .unwrap_or_default()
+                    .to_string();
+                let req = ConsensusRequest::Put {
+                    key,
+                    value,
+                    lease: None,
+                };
+                let t = Instant::now();
+                match client.call::<ConsensusApi>(&req).await {
+                    Ok(_) => {
+                        lat.push(t.elapsed());
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        if errors.fetch_add(1, Ordering::Relaxed) < 3 {
+                            eprintln!("error (after {} ms): {e}", t.elapsed().as_millis());
+                        }
+                    }
+                }
+            }
+            lat
+        }));
+    }
+    let mut lat = Vec::new();
+    for w in workers {
+        lat.extend(w.await?);
+    }
+    let wall = start.elapsed();
+    if let Some(t) = ticker {
+        t.abort();
+    }
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    // Clean up like check perf (one delete of the prefix).
+    let cleanup = clients[0]
+        .call::<ConsensusApi>(&ConsensusRequest::Delete {
+            key: b.prefix.clone(),
+            prefix: true,
+        })
+        .await;
+    if let Err(e) = cleanup {
+        eprintln!("warning: deleting the bench keys under {}: {e}", b.prefix);
+    }
+    let secs: Vec<f64> = lat.iter().map(|d| d.as_secs_f64()).collect();
+    let n = secs.len().max(1) as f64;
+    let mean = secs.iter().sum::<f64>() / n;
+    let stddev = (secs.iter().map(|s| (s - mean).powi(2)).sum::<f64>() / n).sqrt();
+    let slowest = secs.iter().cloned().fold(0.0, f64::max);
+    Ok(RaftReport {
+        writes: summarize(
+            "raft put",
+            b.concurrency,
+            lat,
+            wall,
+            errors.load(Ordering::Relaxed),
+        ),
+        slowest_s: slowest,
+        stddev_s: stddev,
+        rate: b.rate,
+    })
 }
