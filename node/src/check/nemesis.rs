@@ -2,8 +2,8 @@
 //! until every node sees every other alive again), recorded in the history. Partitions and
 //! delays go to every node as `SysRequest::Chaos` (the transport's fault injection); in
 //! multi-host mode (`--netns`) partitions are nft drop rules inside the node namespaces
-//! instead. Kills are SIGKILL and a restart on the same ports and data; pauses are
-//! SIGSTOP/SIGCONT.
+//! instead. Kills are SIGKILL and a restart on the same ports and data (every other kill takes
+//! the Raft leader, when one is known); pauses are SIGSTOP/SIGCONT.
 //! Bridge partitions (one node seeing both sides) exist only in multi-host mode: the
 //! runtime's fault rules express disjoint groups, nft rules per namespace can cut pairs.
 
@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::anyhow;
+use dsys_plugin_consensus::{ConsensusApi, ConsensusRequest, ConsensusResponse};
 use dsys_runtime::{Client, FaultCommand, SysApi, SysRequest, SysResponse};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -75,6 +76,25 @@ impl Nemesis {
 
     fn names(&self, idx: &[usize]) -> Vec<String> {
         idx.iter().map(|i| self.ctx.nodes[*i].0.clone()).collect()
+    }
+
+    /// The Raft leader as a running node reports it, if one does within a second.
+    async fn raft_leader(&self) -> Option<usize> {
+        let up: Vec<usize> = {
+            let c = self.lock();
+            (0..self.n()).filter(|i| c.is_up(*i)).collect()
+        };
+        for i in up {
+            if let Ok(ConsensusResponse::Status(st)) = self
+                .sys
+                .call_at::<ConsensusApi>(self.ctx.nodes[i].1, &ConsensusRequest::Status)
+                .await
+            {
+                let leader = st.leader?;
+                return self.ctx.nodes.iter().position(|(id, _)| *id == leader);
+            }
+        }
+        None
     }
 
     /// Send a fault command to every running, unpaused node; how many applied it.
@@ -147,7 +167,17 @@ impl Nemesis {
     async fn apply(&mut self, kind: FaultKind) -> Option<(usize, Vec<usize>)> {
         match kind {
             FaultKind::Kill => {
-                let idx = self.minority();
+                // Every other kill takes the Raft leader, the node whose death a CP design
+                // must survive without losing an acknowledged write.
+                let leader = if self.rng.gen_bool(0.5) {
+                    self.raft_leader().await
+                } else {
+                    None
+                };
+                let idx = match leader {
+                    Some(l) => vec![l],
+                    None => self.minority(),
+                };
                 let names = self.names(&idx);
                 {
                     let mut c = self.lock();
@@ -158,7 +188,15 @@ impl Nemesis {
                 let f = self.ctx.rec.fault(
                     "kill",
                     names.clone(),
-                    format!("SIGKILL {}", names.join(",")),
+                    format!(
+                        "SIGKILL {}{}",
+                        names.join(","),
+                        if leader.is_some() {
+                            " (the Raft leader)"
+                        } else {
+                            ""
+                        }
+                    ),
                 );
                 Some((f, idx))
             }
