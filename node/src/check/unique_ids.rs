@@ -199,8 +199,9 @@ impl Workload for UniqueIds {
     }
 
     async fn step(&self, ctx: &Ctx, w: &mut Worker) {
-        // A random node each time, unless the last one was unreachable (then probe).
-        if !w.probe {
+        // Another random node one time in five (each switch costs the client a new QUIC
+        // connection), unless the last one was unreachable (then it probes).
+        if !w.probe && w.rng.gen_range(0..5) == 0 {
             w.node = w.rng.gen_range(0..ctx.nodes.len());
         }
         let roll = w.rng.gen_range(0..100);

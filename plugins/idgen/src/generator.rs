@@ -8,7 +8,9 @@
 //! * no id is issued without a lease window: a worker id, a monotonic deadline of the lease
 //!   (`valid_until`), and a committed high-water promise (`ceiling`): no id carries a
 //!   millisecond above the ceiling;
-//! * a new lease starts strictly after its floor (the previous holders' high-water mark).
+//! * a new lease starts strictly after its floor (the previous holders' high-water mark);
+//! * an id's millisecond is never after the clock's reading when it was issued, and at most
+//!   the catch-up window ([`DEFAULT_CATCH_UP_MS`]) before it.
 
 use std::future::Future;
 use std::sync::Mutex;
@@ -18,6 +20,13 @@ use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
 use crate::layout::{encode, Parts, EPOCH_UNIX_MS, MAX_TIME, SEQ_PER_MS};
+
+/// Default catch-up window: when the generator runs flat out (every sequence of the last
+/// millisecond used) and wakes up late, it may use the unused sequences of up to this many
+/// milliseconds before the clock's, instead of losing them. An id's timestamp is then at most
+/// this much older than the moment it was issued; no millisecond is used twice, and none
+/// after the clock's.
+pub const DEFAULT_CATCH_UP_MS: u64 = 10;
 
 /// Default bound of a backwards clock step that is waited out (1 s); a larger step refuses
 /// requests until the clock is back past the last id's millisecond.
@@ -193,6 +202,9 @@ pub struct Generator {
     /// The previous clock reading (since the epoch), to notice backwards steps.
     seen: u64,
     max_backwards_ms: u64,
+    /// Every sequence of `last` was used (demand at least the layout's pace).
+    saturated: bool,
+    catch_up_ms: u64,
     stats: GenStats,
 }
 
@@ -206,8 +218,16 @@ impl Generator {
             at_floor: false,
             seen: 0,
             max_backwards_ms,
+            saturated: false,
+            catch_up_ms: DEFAULT_CATCH_UP_MS,
             stats: GenStats::default(),
         }
+    }
+
+    /// Set the catch-up window (0: every id carries the clock's millisecond at issue).
+    pub fn with_catch_up(mut self, ms: u64) -> Self {
+        self.catch_up_ms = ms;
+        self
     }
 
     /// Start issuing under a new lease of `worker`: every id after this carries a millisecond
@@ -219,6 +239,8 @@ impl Generator {
         }
         // A new worker id in the same millisecond could sort below ids already issued.
         self.next_seq = SEQ_PER_MS;
+        // No catching up into time before the lease.
+        self.saturated = false;
         self.window = Some(Window {
             worker,
             ceiling,
@@ -297,8 +319,14 @@ impl Generator {
             return Ok(Step::Wait(self.last + EPOCH_UNIX_MS));
         }
         if now > self.last {
-            self.last = now;
+            // Running flat out and late: use the milliseconds skipped since, within the window.
+            self.last = if self.saturated {
+                (self.last + 1).max(now.saturating_sub(self.catch_up_ms))
+            } else {
+                now
+            };
             self.next_seq = 0;
+            self.saturated = false;
             self.at_floor = false;
         }
         if self.last > w.ceiling {
@@ -319,6 +347,7 @@ impl Generator {
         })
         .map_err(|_| GenError::PastEnd)?;
         self.next_seq += count;
+        self.saturated = self.next_seq >= SEQ_PER_MS;
         self.at_floor = false;
         self.stats.issued += u64::from(count);
         Ok(Step::Run(IdRun { first, count }))
@@ -335,8 +364,13 @@ pub struct Idgen<C: Clock> {
 impl<C: Clock> Idgen<C> {
     /// A generator with no lease yet.
     pub fn new(clock: C, max_backwards_ms: u64) -> Self {
+        Self::with_generator(clock, Generator::new(max_backwards_ms))
+    }
+
+    /// Around a configured generator.
+    pub fn with_generator(clock: C, gen: Generator) -> Self {
         Idgen {
-            gen: Mutex::new(Generator::new(max_backwards_ms)),
+            gen: Mutex::new(gen),
             clock,
         }
     }
@@ -379,6 +413,7 @@ impl<C: Clock> Idgen<C> {
 mod tests {
     use super::*;
     use crate::layout::decode;
+    use std::collections::BTreeSet;
     use std::sync::atomic::{AtomicU64, Ordering};
 
     /// A clock the test sets; sleeping jumps it forward to the wake-up time.
@@ -433,6 +468,41 @@ mod tests {
         assert_eq!(g.clock().now_unix_ms(), T0 + 1);
         assert_eq!(g.lock().stats().overflow_waits, 1);
         assert_eq!(g.lock().stats().issued, 5000);
+    }
+
+    #[tokio::test]
+    async fn flat_out_and_late_it_catches_up_within_the_window_only() {
+        let g = idgen_at(T0, 1_000);
+        // T0 used up, then the clock is 30 ms further on the next look (a late wake-up).
+        let mut all = ids(&g.next(4096).await.expect("ids"));
+        g.clock().set(T0 + 31);
+        let v = ids(&g.next(4096 * 12).await.expect("ids"));
+        let times: BTreeSet<u64> = v.iter().map(|i| decode(*i).expect("id").time).collect();
+        // T0+21..=T0+31 without waiting (the 10 ms window; T0+1..=T0+20 are lost), then T0+32
+        // after a wait: nothing older than the window, nothing ahead of the clock.
+        assert_eq!(times, (1_000_021..=1_000_032).collect::<BTreeSet<u64>>());
+        all.extend(v);
+        // After a used-up millisecond, even one id may take the window's oldest one...
+        g.clock().set(T0 + 100);
+        all.extend(ids(&g.next(2).await.expect("ids")));
+        assert_eq!(decode(all[all.len() - 1]).expect("id").time, 1_000_090);
+        // ...but not after a millisecond with sequences left: the clock's millisecond.
+        g.clock().set(T0 + 200);
+        all.extend(ids(&g.next(1).await.expect("id")));
+        assert_eq!(decode(all[all.len() - 1]).expect("id").time, 1_000_200);
+        assert!(strictly_increasing(&all));
+        // Window 0: strict.
+        let strict = Idgen::with_generator(
+            ManualClock(AtomicU64::new(T0)),
+            Generator::new(1_000).with_catch_up(0),
+        );
+        strict
+            .lock()
+            .start_lease(1, 0, MAX_TIME, Instant::now() + Duration::from_secs(60));
+        strict.next(4096).await.expect("ids");
+        strict.clock().set(T0 + 50);
+        let v = ids(&strict.next(4097).await.expect("ids"));
+        assert_eq!(decode(v[0]).expect("id").time, 1_000_050);
     }
 
     #[tokio::test]

@@ -27,7 +27,8 @@ pub use api::{
     IdgenApi, MAX_BATCH,
 };
 pub use generator::{
-    Clock, GenError, GenStats, IdRun, Idgen, SystemClock, DEFAULT_MAX_BACKWARDS_MS,
+    Clock, GenError, GenStats, Generator, IdRun, Idgen, SystemClock, DEFAULT_CATCH_UP_MS,
+    DEFAULT_MAX_BACKWARDS_MS,
 };
 pub use worker::{LeaseInfo, DEFAULT_TTL_MS, HW_PREFIX, NODE_PREFIX, WORKER_PREFIX};
 
@@ -35,12 +36,15 @@ pub use worker::{LeaseInfo, DEFAULT_TTL_MS, HW_PREFIX, NODE_PREFIX, WORKER_PREFI
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct IdgenConfig {
-    /// Lease TTL of a worker id in ms (default 3000; 1000..=60000). A node whose keep-alives
+    /// Lease TTL of a worker id in ms (default 5000; 1000..=60000). A node whose keep-alives
     /// stop is out of ids within 90% of it, and its worker id is free again after it.
     pub ttl_ms: u64,
     /// Largest backwards clock step waited out, in ms (default 1000; at most 10000). A larger
     /// step refuses requests until the clock is back past the last id's millisecond.
     pub max_backwards_ms: Option<u64>,
+    /// Catch-up window in ms (default 10; at most 100; 0 makes every id carry the clock's
+    /// millisecond at issue): see [`generator::DEFAULT_CATCH_UP_MS`].
+    pub catch_up_ms: Option<u64>,
 }
 
 impl IdgenConfig {
@@ -61,6 +65,13 @@ impl IdgenConfig {
             ));
         }
         self.max_backwards_ms = Some(b);
+        let c = self.catch_up_ms.unwrap_or(DEFAULT_CATCH_UP_MS);
+        if c > 100 {
+            return Err(format!(
+                "plugins.idgen.catch_up_ms must be at most 100, got {c}"
+            ));
+        }
+        self.catch_up_ms = Some(c);
         Ok(self)
     }
 }
@@ -135,9 +146,10 @@ impl Plugin for IdgenPlugin {
     async fn start(ctx: PluginContext) -> Result<Self, String> {
         let cfg: IdgenConfig = ctx.plugin_config("idgen").map_err(|e| e.to_string())?;
         let cfg = cfg.resolved()?;
-        let idgen = Arc::new(Idgen::new(
+        let idgen = Arc::new(Idgen::with_generator(
             SystemClock,
-            cfg.max_backwards_ms.unwrap_or(DEFAULT_MAX_BACKWARDS_MS),
+            Generator::new(cfg.max_backwards_ms.unwrap_or(DEFAULT_MAX_BACKWARDS_MS))
+                .with_catch_up(cfg.catch_up_ms.unwrap_or(DEFAULT_CATCH_UP_MS)),
         ));
         let info = Arc::new(Mutex::new(LeaseInfo {
             state: "acquiring".into(),

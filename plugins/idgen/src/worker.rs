@@ -34,7 +34,7 @@ use crate::generator::{Clock, Idgen};
 use crate::layout::{EPOCH_UNIX_MS, WORKERS};
 
 /// Default lease TTL of a worker id.
-pub const DEFAULT_TTL_MS: u64 = 3_000;
+pub const DEFAULT_TTL_MS: u64 = 5_000;
 /// Prefix of the claim keys.
 pub const WORKER_PREFIX: &str = "idgen/worker/";
 /// Prefix of the per-worker high-water marks.
@@ -362,7 +362,9 @@ impl<C: Clock> Manager<C> {
     /// Renew until the lease is lost; why it was.
     async fn keep(&self, mut held: Held) -> String {
         let every = Duration::from_millis((self.ttl_ms / 3).max(50));
-        let mut next = Instant::now() + every;
+        // The first renewal at once: claiming took several consensus round trips, which under
+        // load may be a good part of the TTL granted before them.
+        let mut next = Instant::now();
         loop {
             tokio::time::sleep_until(next).await;
             let t0 = Instant::now();
