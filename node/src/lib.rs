@@ -16,7 +16,11 @@ pub fn plugins() -> Vec<PluginFactory> {
         plugin_factory::<dsys_plugin_kv::KvPlugin>(),
         plugin_factory::<dsys_plugin_cache::CachePlugin>(),
         plugin_factory::<dsys_plugin_consensus::ConsensusPlugin>(),
+        // After consensus, which it is a client of; ratelimit (started earlier) follows its
+        // rules and tolerates both not being up yet.
+        plugin_factory::<dsys_plugin_config::ConfigPlugin>(),
         plugin_factory::<dsys_plugin_lock::LockPlugin>(),
         plugin_factory::<dsys_plugin_election::ElectionPlugin>(),
+        plugin_factory::<dsys_plugin_idgen::IdgenPlugin>(),
     ]
 }

@@ -12,8 +12,10 @@ use clap::{Parser, Subcommand};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use dsys_plugin_cache::{CacheApi, CacheCommand};
+use dsys_plugin_config::{ConfigApi, ConfigCommand};
 use dsys_plugin_consensus::{ConsensusApi, ConsensusRequest, ConsensusResponse, RaftCommand};
 use dsys_plugin_election::{ElectionApi, ElectionCommand};
+use dsys_plugin_idgen::{IdCommand, IdgenApi};
 use dsys_plugin_kv::{KvApi, KvCommand};
 use dsys_plugin_lock::{LockApi, LockCommand, RunError};
 use dsys_plugin_ratelimit::{RatelimitApi, RatelimitCommand};
@@ -87,6 +89,12 @@ enum Cmd {
     /// Named leader elections, on consensus (design 35).
     #[command(subcommand)]
     Election(ElectionCommand),
+    /// Unique ids: Snowflake layout, worker ids leased through consensus (design 25).
+    #[command(subcommand)]
+    Id(IdCommand),
+    /// Distributed configuration: versioned, typed, watched keys on consensus (design 33).
+    #[command(subcommand)]
+    Config(ConfigCommand),
     /// Inject faults into the transport and gossip of every node.
     #[command(subcommand)]
     Chaos(ChaosCmd),
@@ -96,12 +104,18 @@ enum Cmd {
     /// Jepsen-style check on a fresh local cluster: workload, faults, history, checker verdict
     /// (exit 0 valid, 1 invalid, 2 usage error, 3 unknown or the cluster failed).
     Check(CheckArgs),
+    /// (internal) One holder process of `dsys check lock`: SPEC is JSON from the check.
+    #[command(hide = true)]
+    LockHolder {
+        /// The holder's spec (JSON).
+        spec: String,
+    },
 }
 
 #[derive(clap::Args, Debug)]
 struct CheckArgs {
-    /// Workload: register (consensus), set (kv), ratelimit. (unique-ids needs an idgen plugin;
-    /// lock needs the lock plugin running in the node.)
+    /// Workload: register (consensus), set (kv), ratelimit, lock (holder processes, some
+    /// SIGSTOPped, on the lock plugin), unique-ids (idgen).
     workload: String,
     /// Nodes of the fresh local cluster (3..=9).
     #[arg(long, default_value_t = 5)]
@@ -149,6 +163,10 @@ struct AgentArgs {
     /// Override this node's data folder.
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// Exit when the process that started this agent is gone (`dsys check` sets it, so a
+    /// check that is itself killed leaves no agents behind).
+    #[arg(long, hide = true)]
+    exit_with_parent: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -241,6 +259,42 @@ enum BenchCmd {
         /// Read quorum.
         #[arg(long)]
         r: Option<u8>,
+    },
+    /// Raft puts against the running cluster, as `etcdctl check perf --load=l` drives etcd
+    /// (defaults: 500 in flight, 256-byte keys, 1024-byte values, 60 s; add --rate 8000 for
+    /// its rate limit). Prints writes/s, p50/p99, errors, slowest and stddev.
+    Raft {
+        /// Requests in flight, spread over every endpoint.
+        #[arg(long, default_value_t = 500)]
+        concurrency: usize,
+        /// How long to run.
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        duration: Duration,
+        /// Key bytes after the prefix (each put writes a fresh random key).
+        #[arg(long, default_value_t = 256)]
+        key_size: usize,
+        /// Value bytes.
+        #[arg(long, default_value_t = 1024)]
+        value_size: usize,
+        /// Most puts per second over all workers (0: no limit).
+        #[arg(long, default_value_t = 0)]
+        rate: u64,
+        /// Key prefix; every key under it is deleted at the end.
+        #[arg(long, default_value = "/dsys-bench-raft/")]
+        prefix: String,
+    },
+    /// Id batches from every node at once through RPC: ids/s per node, p50/p99 per batch,
+    /// ratio to the 4,096,000 ids/s one worker id allows.
+    Id {
+        /// How long to run.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        duration: Duration,
+        /// Batch requests in flight per node.
+        #[arg(long, default_value_t = 4)]
+        concurrency: usize,
+        /// Ids per request (1..=100000).
+        #[arg(long, default_value_t = 10_000)]
+        batch: u32,
     },
     /// Rate-limit decisions against the running cluster, spread over every endpoint.
     Ratelimit {
@@ -348,6 +402,29 @@ async fn run(cli: Cli) -> Result<u8, Fail> {
         },
         Cmd::Lock(c) => lock_cmd(&cli, c).await,
         Cmd::Election(c) => election_cmd(&cli, c).await,
+        Cmd::Id(c) => id_cmd(&cli, c).await,
+        Cmd::Bench(BenchCmd::Id {
+            duration,
+            concurrency,
+            batch,
+        }) => {
+            let opts = dsys_plugin_idgen::bench::BenchOptions {
+                duration: *duration,
+                concurrency: *concurrency,
+                batch: *batch,
+            };
+            opts.validate().map_err(usage)?;
+            let figs = dsys_plugin_idgen::bench::bench(spread_clients(&cli)?, &opts)
+                .await
+                .map_err(|e| Fail(3, e))?;
+            if cli.json {
+                print_json(&figs);
+            } else {
+                print!("{}", dsys_plugin_idgen::bench::table(&figs, &opts));
+            }
+            Ok(0)
+        }
+        Cmd::Config(c) => config_cmd(&cli, c).await,
         Cmd::Bench(BenchCmd::Wal { duration, dir }) => {
             let scratch = tempfile::Builder::new()
                 .prefix("wal-bench-")
@@ -367,6 +444,9 @@ async fn run(cli: Cli) -> Result<u8, Fail> {
         }
         Cmd::Chaos(c) => chaos(&cli, c).await,
         Cmd::Check(a) => check(&cli, a).await,
+        Cmd::LockHolder { spec } => dsys_node::check::lock::holder_main(spec)
+            .await
+            .map_err(usage),
         Cmd::Bench(BenchCmd::Ratelimit {
             rule,
             keys,
@@ -426,6 +506,62 @@ async fn run(cli: Cli) -> Result<u8, Fail> {
             } else {
                 print_figures(&[reads.clone(), writes.clone()]);
                 println!("total {:.0} ops/s", reads.rps + writes.rps);
+            }
+            Ok(0)
+        }
+        Cmd::Bench(BenchCmd::Raft {
+            concurrency,
+            duration,
+            key_size,
+            value_size,
+            rate,
+            prefix,
+        }) => {
+            use dsys_plugin_consensus::{MAX_KEY_BYTES, MAX_VALUE_BYTES};
+            if *concurrency == 0 || *concurrency > 4096 {
+                return Err(usage("--concurrency must be 1..=4096"));
+            }
+            if *key_size < 16 || prefix.len() + key_size > MAX_KEY_BYTES {
+                return Err(usage(format!(
+                    "--key-size must be at least 16 and the prefix plus the key at most {MAX_KEY_BYTES} bytes"
+                )));
+            }
+            if *value_size > MAX_VALUE_BYTES {
+                return Err(usage("--value-size is capped at 1 MiB"));
+            }
+            if prefix.is_empty() {
+                return Err(usage(
+                    "--prefix must not be empty (its keys are deleted at the end)",
+                ));
+            }
+            let clients = spread_clients(&cli)?;
+            let settings = dsys_node::bench::RaftBench {
+                concurrency: *concurrency,
+                duration: *duration,
+                key_size: *key_size,
+                value_size: *value_size,
+                rate: *rate,
+                prefix: prefix.clone(),
+                progress: !cli.json,
+            };
+            let r = dsys_node::bench::raft(clients, settings)
+                .await
+                .map_err(|e| Fail(3, format!("{e:#}")))?;
+            if cli.json {
+                print_json(&r);
+            } else {
+                print_figures(std::slice::from_ref(&r.writes));
+                println!(
+                    "{:.0} writes/s, slowest {:.3} s, stddev {:.3} s{}",
+                    r.writes.rps,
+                    r.slowest_s,
+                    r.stddev_s,
+                    if r.rate > 0 {
+                        format!(" (rate limit {}/s)", r.rate)
+                    } else {
+                        String::new()
+                    }
+                );
             }
             Ok(0)
         }
@@ -576,7 +712,44 @@ async fn lock_cmd(cli: &Cli, c: &LockCommand) -> Result<u8, Fail> {
     call_with_timeout::<LockApi>(cli, c.request().map_err(usage)?, timeout).await
 }
 
+/// `dsys id ...`; `decode` works offline.
+async fn id_cmd(cli: &Cli, c: &IdCommand) -> Result<u8, Fail> {
+    if let Some(out) = c.offline(cli.json) {
+        println!("{}", out.map_err(usage)?);
+        return Ok(0);
+    }
+    let resp = client(cli)?
+        .call::<IdgenApi>(&c.request().map_err(usage)?)
+        .await?;
+    if cli.json {
+        print_json(&dsys_plugin_idgen::response_json(&resp));
+    } else {
+        println!("{}", resp.human().trim_end());
+    }
+    Ok(0)
+}
+
 /// `dsys election ...`; `observe` prints every leader change until Ctrl-C.
+/// `dsys config ...`; `watch` prints every change until Ctrl-C.
+async fn config_cmd(cli: &Cli, c: &ConfigCommand) -> Result<u8, Fail> {
+    if let Some((prefix, from)) = c.watch_args() {
+        let client = client(cli)?;
+        let json = cli.json;
+        let fut = dsys_plugin_config::watch(&client, &prefix, from, long_poll_ms(cli), |ch| {
+            if json {
+                println!("{}", serde_json::to_string(ch).unwrap_or_default());
+            } else {
+                println!("{}", dsys_plugin_config::change_line(ch));
+            }
+        });
+        return tokio::select! {
+            r = fut => { r?; Ok(0) }
+            _ = tokio::signal::ctrl_c() => Ok(0),
+        };
+    }
+    call::<ConfigApi>(cli, c.request()).await
+}
+
 async fn election_cmd(cli: &Cli, c: &ElectionCommand) -> Result<u8, Fail> {
     let req = c.request().map_err(usage)?;
     if let Some(name) = c.observe_name() {
@@ -788,6 +961,8 @@ async fn chaos(cli: &Cli, c: &ChaosCmd) -> Result<u8, Fail> {
 }
 
 async fn agent(cli: &Cli, a: &AgentArgs) -> Result<u8, Fail> {
+    // Before anything slow: the starter may die while the node is still starting.
+    let parent = std::os::unix::process::parent_id();
     let filter =
         tracing_subscriber::EnvFilter::try_from_env("DSYS_LOG").unwrap_or_else(|_| "info".into());
     let _ = tracing_subscriber::fmt()
@@ -829,9 +1004,20 @@ async fn agent(cli: &Cli, a: &AgentArgs) -> Result<u8, Fail> {
     .map_err(|e| Fail(2, e))?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| Fail(1, e.to_string()))?;
+    let orphaned = async {
+        if !a.exit_with_parent {
+            return std::future::pending().await;
+        }
+        // Re-parented (to init or a subreaper) means the starter died without stopping us.
+        while std::os::unix::process::parent_id() == parent {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        tracing::warn!("the process that started this agent is gone; stopping");
+    };
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
+        _ = orphaned => {}
     }
     tracing::info!("shutting down");
     node.shutdown().await;

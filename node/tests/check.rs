@@ -1,6 +1,7 @@
 //! `dsys check` end to end: usage errors, known-bad histories judged invalid through the CLI,
-//! a short real run with a partition that reports valid and leaves no process behind, and a
-//! run interrupted with Ctrl-C (SIGINT) that kills its cluster.
+//! a short real run with a partition that reports valid and leaves no process behind, a run
+//! interrupted with Ctrl-C (SIGINT) that kills its cluster, and one SIGKILLed whose agents stop
+//! on their own.
 
 use std::net::UdpSocket;
 use std::path::Path;
@@ -39,7 +40,7 @@ fn all_ports_free(dir: &Path) -> bool {
 fn bad_input_is_refused_with_exit_2() {
     for args in [
         &["check", "nope"][..],
-        &["check", "lock"],
+        &["check", "lock", "--nodes", "10"],
         &["check", "register", "--faults", "kill,boom"],
         &["check", "register", "--nodes", "2"],
         &["check", "register", "--concurrency", "0"],
@@ -61,6 +62,9 @@ fn known_bad_histories_are_invalid_through_the_cli() {
         ("register", "register-stale-read.json"),
         ("set", "set-lost-add.json"),
         ("ratelimit", "ratelimit-over-grant.json"),
+        ("lock", "lock-overlap.json"),
+        ("lock", "lock-token-decrease.json"),
+        ("lock", "lock-fence-out-of-order.json"),
     ] {
         let path = dir.join(file);
         let out = dsys(&["check", wl, "--history", path.to_str().expect("utf8")]);
@@ -118,11 +122,9 @@ fn short_run_is_valid_and_cleans_up() {
     assert!(all_ports_free(&run), "a node outlived the run");
 }
 
-#[test]
-fn ctrl_c_kills_the_cluster() {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let run = tmp.path().join("run");
-    let mut child = Command::new(BIN)
+/// Start `dsys check set` on 3 nodes for long, and wait until every node listens.
+fn start_long_check(run: &Path) -> std::process::Child {
+    let child = Command::new(BIN)
         .args([
             "check",
             "set",
@@ -138,19 +140,38 @@ fn ctrl_c_kills_the_cluster() {
         .stderr(Stdio::null())
         .spawn()
         .expect("spawn");
-    // Wait until every node is listening (its gossip port taken), then interrupt.
+    // Wait until every node is listening (its gossip port taken).
     let end = Instant::now() + Duration::from_secs(60);
     loop {
         assert!(Instant::now() < end, "the cluster never came up");
         if run.join("cluster.toml").exists()
-            && gossip_ports(&run)
+            && gossip_ports(run)
                 .iter()
                 .all(|p| UdpSocket::bind(("127.0.0.1", *p)).is_err())
         {
-            break;
+            return child;
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// Wait up to 30 s for every node of the run to be gone.
+fn nodes_gone_within_30s(run: &Path) -> bool {
+    let end = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < end {
+        if all_ports_free(run) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    false
+}
+
+#[test]
+fn ctrl_c_kills_the_cluster() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let run = tmp.path().join("run");
+    let mut child = start_long_check(&run);
     let st = Command::new("kill")
         .args(["-INT", &child.id().to_string()])
         .status()
@@ -169,4 +190,18 @@ fn ctrl_c_kills_the_cluster() {
     };
     assert_eq!(status.code(), Some(3));
     assert!(all_ports_free(&run), "a node outlived the interrupted run");
+}
+
+#[test]
+fn a_check_killed_with_sigkill_leaves_no_agent_behind() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let run = tmp.path().join("run");
+    let mut child = start_long_check(&run);
+    // No chance to clean up: the agents must notice on their own that their parent is gone.
+    child.kill().expect("SIGKILL");
+    child.wait().expect("reap");
+    assert!(
+        nodes_gone_within_30s(&run),
+        "an agent outlived its SIGKILLed dsys check"
+    );
 }

@@ -165,7 +165,7 @@ impl LocalCluster {
         let child = cmd
             .arg("--config")
             .arg(&self.config)
-            .args(["agent", "--node", &nd.id])
+            .args(["agent", "--exit-with-parent", "--node", &nd.id])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)

@@ -8,11 +8,13 @@
 
 mod cluster;
 pub mod history;
+pub mod lock;
 mod nemesis;
 pub mod ratelimit;
 pub mod register;
 mod report;
 pub mod set;
+pub mod unique_ids;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -60,16 +62,20 @@ pub const REGISTRY: &[WorkloadEntry] = &[
         about: "fixed-window checks on ratelimit; never more grants than the limit",
         make: ratelimit::new,
     },
+    WorkloadEntry {
+        name: "lock",
+        about: "holder processes (some SIGSTOPped) on lock; no overlapping claims, increasing fencing tokens",
+        make: lock::new,
+    },
+    WorkloadEntry {
+        name: "unique-ids",
+        about: "single and batch id requests to random nodes of idgen; ids unique, increasing per node",
+        make: unique_ids::new,
+    },
 ];
 
 /// Workloads the issue asks for whose plugins do not exist yet.
-pub const MISSING: &[(&str, &str)] = &[
-    ("unique-ids", "needs the idgen plugin, which does not exist yet"),
-    (
-        "lock",
-        "needs the lock plugin running in the node (plugins/lock exists but dsys agent does not start it yet)",
-    ),
-];
+pub const MISSING: &[(&str, &str)] = &[];
 
 /// The checker's answer.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -250,6 +256,8 @@ pub struct Ctx {
     rec: Recorder,
     nodes: Vec<(String, SocketAddr)>,
     identity: TlsIdentity,
+    /// The cluster's certificate folder (for client processes the workload starts).
+    certs: PathBuf,
     timeout: Duration,
     /// Shared operation counter (workloads derive keys and elements from it).
     pub counter: AtomicU64,
@@ -553,6 +561,7 @@ async fn run_inner(
         rec: rec.clone(),
         nodes: nodes.clone(),
         identity,
+        certs,
         timeout: opts.timeout,
         counter: AtomicU64::new(0),
         next_process: AtomicU64::new(0),
