@@ -146,6 +146,28 @@ impl Plugin for IdgenPlugin {
     async fn start(ctx: PluginContext) -> Result<Self, String> {
         let cfg: IdgenConfig = ctx.plugin_config("idgen").map_err(|e| e.to_string())?;
         let cfg = cfg.resolved()?;
+        for (name, help) in [
+            ("dsys_idgen_ids_total", "Ids issued by this node"),
+            (
+                "dsys_idgen_clock_backwards_total",
+                "Steps of the clock backwards seen by the generator",
+            ),
+            (
+                "dsys_idgen_clock_refusals_total",
+                "Requests refused because the clock stepped back past the bound",
+            ),
+            (
+                "dsys_idgen_sequence_waits_total",
+                "Waits for the next millisecond after its 4096 sequences ran out",
+            ),
+            (
+                "dsys_idgen_leases_acquired_total",
+                "Worker id leases acquired through consensus",
+            ),
+            ("dsys_idgen_leases_lost_total", "Worker id leases lost"),
+        ] {
+            ctx.metrics.describe(name, "counter", help);
+        }
         let idgen = Arc::new(Idgen::with_generator(
             SystemClock,
             Generator::new(cfg.max_backwards_ms.unwrap_or(DEFAULT_MAX_BACKWARDS_MS))
