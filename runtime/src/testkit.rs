@@ -3,7 +3,8 @@
 //! * [`TestNodes`]: n real nodes in one process (QUIC + mTLS + gossip on 127.0.0.1 ephemeral
 //!   ports) running whatever plugins the test names, with `kill`, `restart`, partitions and
 //!   per-node clients. Plugin crates test themselves on it with just their own plugins; the
-//!   workspace's multi-node tests wrap it with every plugin.
+//!   workspace's multi-node tests wrap it with every plugin. Heavy clusters can ask to run
+//!   one at a time per test process ([`TestNodesBuilder::exclusive`]).
 //! * [`wait_for`] and [`eventually`]: wait on a condition with a deadline (never sleep and
 //!   hope).
 //! * [`raw_stream`] and [`decode_response`]: raw access to the wire for bad-input tests.
@@ -11,15 +12,19 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tokio::sync::{Semaphore, SemaphorePermit};
 use tokio::time::Instant;
 
 use crate::{
     init_cluster_certs, Client, ClusterConfig, ClusterView, FaultCommand, MemberState, Node,
     NodeOptions, PluginFactory, RpcError, TlsIdentity, TransportOptions,
 };
+
+/// Held by every live [`TestNodesBuilder::exclusive`] cluster: one at a time per process.
+static EXCLUSIVE: Semaphore = Semaphore::const_new(1);
 
 /// Log to stderr once per test process when `DSYS_LOG` (an env-filter) is set.
 pub fn init_logging() {
@@ -77,6 +82,8 @@ pub struct TestNodesBuilder {
     plugins: PluginSet,
     edits: Vec<Box<dyn FnOnce(&mut ClusterConfig) + Send>>,
     plugin_start: Duration,
+    converge: Duration,
+    exclusive: bool,
 }
 
 impl TestNodesBuilder {
@@ -107,9 +114,32 @@ impl TestNodesBuilder {
         self
     }
 
-    /// Start the nodes and wait until all of them see each other alive (30 s at most).
+    /// How long [`TestNodesBuilder::start`] waits until every started node sees every other
+    /// alive (default 30 s).
+    pub fn converge_deadline(mut self, d: Duration) -> Self {
+        self.converge = d;
+        self
+    }
+
+    /// Run this cluster alone among the exclusive clusters of this test process:
+    /// [`TestNodesBuilder::start`] first waits until the previous one is shut down or
+    /// dropped. For clusters that are heavy (Raft with fsyncs on every node), where several
+    /// at once on a small shared machine only measure the machine. Tests of one binary run
+    /// in parallel by default, so this is what keeps them apart.
+    pub fn exclusive(mut self) -> Self {
+        self.exclusive = true;
+        self
+    }
+
+    /// Start the nodes and wait until all of them see each other alive (see
+    /// [`TestNodesBuilder::converge_deadline`]).
     pub async fn start(self) -> anyhow::Result<TestNodes> {
         init_logging();
+        let exclusive = if self.exclusive {
+            Some(EXCLUSIVE.acquire().await?)
+        } else {
+            None
+        };
         let dir = tempfile::tempdir()?;
         let mut config = ClusterConfig::local_ephemeral(
             self.n,
@@ -128,14 +158,17 @@ impl TestNodesBuilder {
             plugins: self.plugins,
             plugin_start: self.plugin_start,
             nodes: ids.iter().map(|id| (id.clone(), None)).collect(),
+            clients: Mutex::default(),
+            _exclusive: exclusive,
         };
         for id in ids.iter().take(self.start) {
             c.start_node(id).await?;
         }
         anyhow::ensure!(
-            c.wait_converged(Duration::from_secs(30)).await,
-            "cluster of {} did not converge within 30 s",
-            self.start
+            c.wait_converged(self.converge).await,
+            "cluster of {} did not converge within {:?}",
+            self.start,
+            self.converge
         );
         Ok(c)
     }
@@ -150,6 +183,10 @@ pub struct TestNodes {
     plugin_start: Duration,
     /// Every node of the configuration; `None` while it is not running.
     nodes: BTreeMap<String, Option<Node>>,
+    /// [`TestNodes::node_client`]'s clients by (certificate, node address, deadline).
+    clients: Mutex<BTreeMap<(String, SocketAddr, Duration), Arc<Client>>>,
+    /// Last, so that it is released after the nodes are gone.
+    _exclusive: Option<SemaphorePermit<'static>>,
 }
 
 impl TestNodes {
@@ -164,6 +201,8 @@ impl TestNodes {
             plugins: Arc::new(plugins),
             edits: Vec::new(),
             plugin_start: Duration::from_secs(20),
+            converge: Duration::from_secs(30),
+            exclusive: false,
         }
     }
 
@@ -268,12 +307,14 @@ impl TestNodes {
             .await
     }
 
-    /// Wait until every running node sees exactly the running nodes alive.
+    /// Wait until every running node sees exactly the running nodes alive, and its hash ring
+    /// holds them all (the ring is rebuilt just before each view is published).
     pub async fn wait_converged(&self, deadline: Duration) -> bool {
         let want = self.running();
         let end = Instant::now() + deadline;
         for id in &want {
             let left = end.saturating_duration_since(Instant::now());
+            let membership = self.node(id).membership();
             let ok = self
                 .wait_view(id, left, |v| {
                     want.iter().all(|w| {
@@ -282,6 +323,7 @@ impl TestNodes {
                             .map(|m| m.state == MemberState::Alive)
                             .unwrap_or(false)
                     }) && v.alive().len() == want.len()
+                        && membership.ring().nodes().len() == want.len()
                 })
                 .await;
             if !ok {
@@ -314,6 +356,29 @@ impl TestNodes {
     /// A CLI client that talks to node `id` only, with this deadline per request.
     pub fn client_at(&self, id: &str, timeout: Duration) -> anyhow::Result<Client> {
         self.client_with("cli", vec![self.node(id).rpc_addr()], timeout)
+    }
+
+    /// The client presenting certificate `name` that talks to node `id` only, with this
+    /// deadline per request: made on first use, then the same one (per certificate, node
+    /// address and deadline; a restarted node has a new address, so a new client). Concurrent
+    /// calls through different nodes thus each keep their own connection instead of sharing,
+    /// and replacing, one. Call it with [`Client::call_at`] and the node's RPC address to get
+    /// the node's own errors (`call` folds an unreachable node into `NoNode`).
+    pub fn node_client(
+        &self,
+        name: &str,
+        id: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<Arc<Client>> {
+        let addr = self.node(id).rpc_addr();
+        let key = (name.to_string(), addr, timeout);
+        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = clients.get(&key) {
+            return Ok(c.clone());
+        }
+        let c = Arc::new(self.client_with(name, vec![addr], timeout)?);
+        clients.insert(key, c.clone());
+        Ok(c)
     }
 
     /// A client presenting certificate `name` to `endpoints`, with this deadline per request.
