@@ -5,9 +5,6 @@
 //!
 //! Every wait is on a condition with a deadline; nothing sleeps and hopes.
 
-use std::collections::BTreeMap;
-use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -15,170 +12,71 @@ use std::time::Duration;
 use dsys_plugin_consensus::ConsensusPlugin;
 use dsys_plugin_lock::recipe::transient;
 use dsys_plugin_lock::{LockApi, LockPlugin, LockRequest, LockResponse, LockStatus, RunArgs};
-use dsys_runtime::{
-    init_cluster_certs, plugin_factory, Client, ClientError, ClusterConfig, FaultCommand,
-    MemberState, Node, NodeOptions, RpcError, TlsIdentity,
-};
+use dsys_runtime::testkit::{wait_for, TestNodes};
+use dsys_runtime::{plugin_factory, ClientError, RpcError};
 use tokio::time::Instant;
 
 const DEADLINE: Duration = Duration::from_secs(60);
+/// Per-request deadline of the tests' clients: longer than the longest wait for a lock.
+const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// Lease TTL of the tests' grants.
 const TTL_MS: u64 = 10_000;
 /// Lease TTL where expiry is what the test checks.
 const SHORT_TTL_MS: u64 = 3_000;
 
-/// Clusters running at once in this test binary (each is 3-4 nodes with Raft and fsyncs;
-/// more at once on a small shared machine only measures the machine).
+/// Nodes running `consensus` and `lock`, the first three Raft voters.
 ///
+/// One cluster at a time in this test binary (each is 3-4 nodes with Raft and fsyncs; more
+/// at once on a small shared machine only measures the machine): it is
+/// [`TestNodesBuilder::exclusive`](dsys_runtime::testkit::TestNodesBuilder::exclusive).
 /// Leases in these tests are 10 s ([`TTL_MS`]) except where the TTL itself is under test, so
 /// a loaded machine that stalls keep-alives for a few seconds does not expire them.
-static GATE: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
-
 struct Cluster {
-    _gate: tokio::sync::SemaphorePermit<'static>,
-    _dir: tempfile::TempDir,
-    certs: std::path::PathBuf,
-    nodes: BTreeMap<String, Node>,
-    /// One client per node, so concurrent calls to different nodes do not share (and keep
-    /// replacing) one connection.
-    clients: BTreeMap<String, Client>,
-}
-
-fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
-}
-
-async fn start_node(cfg: &ClusterConfig, id: &str, seeds: Vec<SocketAddr>) -> Node {
-    let n = Node::start(NodeOptions {
-        config: cfg.clone(),
-        node_id: id.into(),
-        plugins: vec![
-            plugin_factory::<ConsensusPlugin>(),
-            plugin_factory::<LockPlugin>(),
-        ],
-        seed_addrs: seeds,
-    })
-    .await
-    .expect("node start");
-    for p in ["consensus", "lock"] {
-        assert!(
-            n.host().wait_running(p, Duration::from_secs(20)).await,
-            "{p} did not start on {id}"
-        );
-    }
-    n
-}
-
-/// Poll `f` until it returns `Some`, or panic after the deadline.
-async fn wait_for<T, F, Fut>(what: &str, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let t0 = Instant::now();
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        if t0.elapsed() > DEADLINE {
-            panic!("timed out waiting for: {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    nodes: TestNodes,
 }
 
 impl Cluster {
     /// `n` nodes, the first three Raft voters.
     async fn new(n: usize) -> Cluster {
-        init_tracing();
-        let gate = GATE.acquire().await.expect("gate");
-        let dir = tempfile::tempdir().expect("tmp");
-        let certs = dir.path().join("certs");
-        let mut cfg = ClusterConfig::local_ephemeral(n, &certs, &dir.path().join("data"));
-        cfg.cluster.rpc_timeout_ms = 8000;
-        cfg.plugins.insert(
-            "consensus".into(),
+        let nodes = TestNodes::builder(n, || {
+            vec![
+                plugin_factory::<ConsensusPlugin>(),
+                plugin_factory::<LockPlugin>(),
+            ]
+        })
+        .exclusive()
+        .converge_deadline(DEADLINE)
+        .config(|c| c.cluster.rpc_timeout_ms = 8000)
+        .plugin_config(
+            "consensus",
             serde_json::json!({"voters": ["n1", "n2", "n3"]}),
-        );
-        cfg.validate().expect("config");
-        let ids: Vec<String> = cfg.nodes.keys().cloned().collect();
-        init_cluster_certs(&certs, &ids).expect("certs");
-        let mut nodes = BTreeMap::new();
-        let mut seeds = Vec::new();
-        for id in &ids {
-            let node = start_node(&cfg, id, seeds.clone()).await;
-            seeds.push(node.gossip_addr());
-            nodes.insert(id.clone(), node);
-        }
-        let clients = nodes
-            .iter()
-            .map(|(id, n)| {
-                let one = BTreeMap::from([(id.clone(), n.rpc_addr())]);
-                (
-                    id.clone(),
-                    Self::client_for(&certs, &one, Duration::from_secs(60)),
-                )
-            })
-            .collect();
-        let c = Cluster {
-            _gate: gate,
-            _dir: dir,
-            certs,
-            nodes,
-            clients,
-        };
-        c.wait_all_see_each_other().await;
+        )
+        .start()
+        .await
+        .expect("cluster");
+        let c = Cluster { nodes };
         // Ready once a lock can be taken and given back through every node.
-        for id in c.nodes.keys() {
-            wait_for(&format!("a lock through {id}"), || async {
-                let r = c.acquire(id, "warmup", 0, None, false).await.ok()?;
+        for id in c.nodes.ids() {
+            wait_for(&format!("a lock through {id}"), DEADLINE, || async {
+                let r = c.acquire(&id, "warmup", 0, None, false).await.ok()?;
                 let t = token(&r)?;
-                c.release(id, "warmup", t).await.ok()
+                c.release(&id, "warmup", t).await.ok()
             })
             .await;
         }
         c
     }
 
-    fn client_for(
-        certs: &std::path::Path,
-        addrs: &BTreeMap<String, SocketAddr>,
-        timeout: Duration,
-    ) -> Client {
-        let cli = TlsIdentity::load(certs, "cli").expect("cli identity");
-        let addrs = addrs.values().copied().collect();
-        Client::new(&cli, addrs, timeout).expect("client")
-    }
-
-    async fn wait_all_see_each_other(&self) {
-        for (id, n) in &self.nodes {
-            for other in self.nodes.keys().filter(|o| *o != id) {
-                let n = n.membership().clone();
-                let other = other.clone();
-                wait_for(&format!("{id} sees {other} alive"), || {
-                    let ok = n
-                        .view()
-                        .members
-                        .get(&other)
-                        .map(|m| m.state == MemberState::Alive)
-                        == Some(true);
-                    async move { ok.then_some(()) }
-                })
-                .await;
-            }
-        }
-    }
-
+    /// `req` through node `id`, on that node's own client (so concurrent calls to different
+    /// nodes do not share, and keep replacing, one connection).
     async fn call(&self, id: &str, req: LockRequest) -> Result<LockResponse, ClientError> {
-        let (Some(node), Some(client)) = (self.nodes.get(id), self.clients.get(id)) else {
-            return Err(ClientError::Rpc(RpcError::Unreachable(format!(
-                "{id} is not running"
-            ))));
-        };
-        client.call_at::<LockApi>(node.rpc_addr(), &req).await
+        let client = self
+            .nodes
+            .node_client("cli", id, CALL_TIMEOUT)
+            .expect("client");
+        client
+            .call_at::<LockApi>(self.nodes.node(id).rpc_addr(), &req)
+            .await
     }
 
     async fn acquire(
@@ -287,7 +185,7 @@ impl Cluster {
 
     /// Wait until lock `name` has `n` waiters (as read through `id`).
     async fn wait_waiters(&self, id: &str, name: &str, n: usize) -> LockStatus {
-        wait_for(&format!("{n} waiters on {name}"), || async {
+        wait_for(&format!("{n} waiters on {name}"), DEADLINE, || async {
             let s = self.status(id, name).await.ok()?;
             (s.waiters.len() == n).then_some(s)
         })
@@ -339,7 +237,7 @@ impl Fenced {
 async fn mutual_exclusion_with_increasing_tokens_across_nodes() {
     let c = Arc::new(Cluster::new(4).await);
     let res = Arc::new(Fenced::default());
-    let ids: Vec<String> = c.nodes.keys().cloned().collect();
+    let ids = c.nodes.ids();
     let mut tasks = Vec::new();
     for w in 0..8 {
         let (c, res, id) = (c.clone(), res.clone(), ids[w % ids.len()].clone());
@@ -381,8 +279,8 @@ async fn waiters_are_served_in_fifo_order() {
     let order: Vec<u64> = s.waiters.iter().map(|w| w.token).collect();
     assert!(order.windows(2).all(|w| w[0] < w[1]), "{order:?}");
     // The dashboard panel of a node shows the lock, its holder's token and the waiters.
-    let host = c.nodes["n3"].host();
-    wait_for("n3's lock panel shows q", || async {
+    let host = c.nodes.node("n3").host();
+    wait_for("n3's lock panel shows q", DEADLINE, || async {
         let p = host.panels().into_iter().find(|p| p.plugin == "lock")?;
         let row = p.tables.first()?.rows.iter().find(|r| r[0] == "q")?.clone();
         (row[3] == t1.to_string() && row[4] == "3").then_some(())
@@ -408,12 +306,8 @@ async fn a_killed_holders_lock_passes_on_after_its_ttl() {
     let mut c = Cluster::new(4).await;
     // n4 is not a Raft voter: killing it leaves consensus untouched.
     let (t1, _) = granted(c.acquire_ttl("n4", "k", SHORT_TTL_MS, 0, None, true).await);
-    let addr = c.nodes["n1"].rpc_addr();
-    let client = Cluster::client_for(
-        &c.certs,
-        &BTreeMap::from([("n1".to_string(), addr)]),
-        Duration::from_secs(60),
-    );
+    let addr = c.nodes.node("n1").rpc_addr();
+    let client = c.nodes.client_at("n1", CALL_TIMEOUT).expect("client");
     let waiter = tokio::spawn(async move {
         let r = client
             .call_at::<LockApi>(
@@ -441,7 +335,7 @@ async fn a_killed_holders_lock_passes_on_after_its_ttl() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let killed = Instant::now();
-    c.nodes.remove("n4").expect("n4").kill().await;
+    c.nodes.kill("n4").await;
     let ((t2, _), at) = tokio::time::timeout(DEADLINE, waiter)
         .await
         .expect("waiter granted within the deadline")
@@ -462,10 +356,7 @@ async fn a_killed_holders_lock_passes_on_after_its_ttl() {
 async fn the_minority_side_of_a_partition_cannot_acquire() {
     let c = Cluster::new(3).await;
     // Cut n1 off from n2 and n3, whoever leads.
-    let cut = FaultCommand::Partition(vec![vec!["n1".into()], vec!["n2".into(), "n3".into()]]);
-    for n in c.nodes.values() {
-        n.faults().apply(cut.clone()).expect("partition");
-    }
+    c.nodes.partition(&[&["n1"], &["n2", "n3"]]);
     let r = c.acquire("n1", "p", 0, None, true).await;
     assert!(
         !matches!(r, Ok(LockResponse::Granted { .. })),
@@ -473,7 +364,7 @@ async fn the_minority_side_of_a_partition_cannot_acquire() {
     );
     eprintln!("minority acquire refused as expected: {r:?}");
     // The majority elects a leader if it must, and grants.
-    let (t, _) = wait_for("the majority grants", || async {
+    let (t, _) = wait_for("the majority grants", DEADLINE, || async {
         let r = c.acquire("n2", "p", 0, None, true).await.ok()?;
         token(&r).map(|t| (t, ()))
     })
@@ -481,11 +372,9 @@ async fn the_minority_side_of_a_partition_cannot_acquire() {
     let s = c.status("n3", "p").await.expect("status");
     assert_eq!(s.holder.as_ref().map(|h| h.token), Some(t));
     assert!(s.waiters.is_empty(), "{s:?}");
-    for n in c.nodes.values() {
-        n.faults().apply(FaultCommand::Heal).expect("heal");
-    }
+    c.nodes.heal();
     // After healing, the minority's attempt never shows up as a holder or a waiter.
-    let s = wait_for("n1 reads the lock again", || async {
+    let s = wait_for("n1 reads the lock again", DEADLINE, || async {
         c.status("n1", "p").await.ok()
     })
     .await;
@@ -579,8 +468,7 @@ async fn reentrancy_per_holder_id_and_refusals() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn run_locked_holds_the_lock_while_the_command_runs() {
     let c = Cluster::new(3).await;
-    let dir = tempfile::tempdir().expect("tmp");
-    let flag = dir.path().join("release-me");
+    let flag = c.nodes.dir().join("release-me");
     // The command waits (boundedly) for a file the test writes, and reports its token.
     let script = format!(
         "i=0; while [ ! -e {f} ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done; \
@@ -594,14 +482,12 @@ async fn run_locked_holds_the_lock_while_the_command_runs() {
         holder: None,
         cmd: vec!["sh".into(), "-c".into(), script],
     };
-    let addrs = c
+    let client = c
         .nodes
-        .iter()
-        .map(|(id, n)| (id.clone(), n.rpc_addr()))
-        .collect();
-    let client = Cluster::client_for(&c.certs, &addrs, Duration::from_secs(30));
+        .client_with("cli", c.nodes.endpoints(), Duration::from_secs(30))
+        .expect("client");
     let run = tokio::spawn(async move { dsys_plugin_lock::run_locked(&client, &args).await });
-    let held = wait_for("the command holds the lock", || async {
+    let held = wait_for("the command holds the lock", DEADLINE, || async {
         c.status("n2", "job").await.ok()?.holder
     })
     .await;
@@ -625,7 +511,7 @@ async fn run_locked_holds_the_lock_while_the_command_runs() {
         .expect("task")
         .expect("run_locked");
     assert_eq!(code, 7, "the command's exit code is passed on");
-    let seen = std::fs::read_to_string(dir.path().join("release-me.token")).expect("token file");
+    let seen = std::fs::read_to_string(c.nodes.dir().join("release-me.token")).expect("token file");
     assert_eq!(seen.trim(), held.token.to_string());
     // Released at the end: free at once, not after a TTL.
     let s = c.status("n1", "job").await.expect("status");
