@@ -5,9 +5,6 @@
 //!
 //! Every wait is on a condition with a deadline; nothing sleeps and hopes.
 
-use std::collections::BTreeMap;
-use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -15,164 +12,66 @@ use dsys_plugin_consensus::ConsensusPlugin;
 use dsys_plugin_election::{
     ElectionApi, ElectionPlugin, ElectionRequest, ElectionResponse, LeaderInfo,
 };
-use dsys_runtime::{
-    init_cluster_certs, plugin_factory, Client, ClientError, ClusterConfig, MemberState, Node,
-    NodeOptions, RpcError, TlsIdentity,
-};
+use dsys_runtime::testkit::{wait_for, TestNodes};
+use dsys_runtime::{plugin_factory, Client, ClientError, RpcError};
 use tokio::time::Instant;
 
 const DEADLINE: Duration = Duration::from_secs(60);
+/// Per-request deadline of the tests' clients: longer than the longest wait to be elected.
+const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// Lease TTL of every campaign here: short enough for a quick failover, long enough that a
 /// loaded machine stalling keep-alives for a few seconds does not end a leadership.
 const TTL_MS: u64 = 5_000;
 
-/// Clusters running at once in this test binary (each is 3-4 nodes with Raft and fsyncs;
-/// more at once on a small shared machine only measures the machine).
-static GATE: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
-
+/// Nodes running `consensus` and `election`, the first three Raft voters.
+///
+/// One cluster at a time in this test binary (each is 3-4 nodes with Raft and fsyncs; more
+/// at once on a small shared machine only measures the machine): it is
+/// [`TestNodesBuilder::exclusive`](dsys_runtime::testkit::TestNodesBuilder::exclusive).
 struct Cluster {
-    _gate: tokio::sync::SemaphorePermit<'static>,
-    _dir: tempfile::TempDir,
-    certs: std::path::PathBuf,
-    nodes: BTreeMap<String, Node>,
-    /// One client per node, so concurrent calls to different nodes do not share (and keep
-    /// replacing) one connection.
-    clients: BTreeMap<String, Client>,
-}
-
-fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
-}
-
-async fn start_node(cfg: &ClusterConfig, id: &str, seeds: Vec<SocketAddr>) -> Node {
-    let n = Node::start(NodeOptions {
-        config: cfg.clone(),
-        node_id: id.into(),
-        plugins: vec![
-            plugin_factory::<ConsensusPlugin>(),
-            plugin_factory::<ElectionPlugin>(),
-        ],
-        seed_addrs: seeds,
-    })
-    .await
-    .expect("node start");
-    for p in ["consensus", "election"] {
-        assert!(
-            n.host().wait_running(p, Duration::from_secs(20)).await,
-            "{p} did not start on {id}"
-        );
-    }
-    n
-}
-
-/// Poll `f` until it returns `Some`, or panic after the deadline.
-async fn wait_for<T, F, Fut>(what: &str, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let t0 = Instant::now();
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        if t0.elapsed() > DEADLINE {
-            panic!("timed out waiting for: {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    nodes: TestNodes,
 }
 
 impl Cluster {
     /// `n` nodes, the first three Raft voters.
     async fn new(n: usize) -> Cluster {
-        init_tracing();
-        let gate = GATE.acquire().await.expect("gate");
-        let dir = tempfile::tempdir().expect("tmp");
-        let certs = dir.path().join("certs");
-        let mut cfg = ClusterConfig::local_ephemeral(n, &certs, &dir.path().join("data"));
-        cfg.cluster.rpc_timeout_ms = 8000;
-        cfg.plugins.insert(
-            "consensus".into(),
+        let nodes = TestNodes::builder(n, || {
+            vec![
+                plugin_factory::<ConsensusPlugin>(),
+                plugin_factory::<ElectionPlugin>(),
+            ]
+        })
+        .exclusive()
+        .converge_deadline(DEADLINE)
+        .config(|c| c.cluster.rpc_timeout_ms = 8000)
+        .plugin_config(
+            "consensus",
             serde_json::json!({"voters": ["n1", "n2", "n3"]}),
-        );
-        cfg.validate().expect("config");
-        let ids: Vec<String> = cfg.nodes.keys().cloned().collect();
-        init_cluster_certs(&certs, &ids).expect("certs");
-        let mut nodes = BTreeMap::new();
-        let mut seeds = Vec::new();
-        for id in &ids {
-            let node = start_node(&cfg, id, seeds.clone()).await;
-            seeds.push(node.gossip_addr());
-            nodes.insert(id.clone(), node);
-        }
-        let clients = nodes
-            .iter()
-            .map(|(id, n)| {
-                let one = BTreeMap::from([(id.clone(), n.rpc_addr())]);
-                (
-                    id.clone(),
-                    Self::client_for(&certs, &one, Duration::from_secs(60)),
-                )
-            })
-            .collect();
-        let c = Cluster {
-            _gate: gate,
-            _dir: dir,
-            certs,
-            nodes,
-            clients,
-        };
-        c.wait_all_see_each_other().await;
+        )
+        .start()
+        .await
+        .expect("cluster");
+        let c = Cluster { nodes };
         // Ready once every node reads through consensus.
-        for id in c.nodes.keys() {
-            wait_for(&format!("a leader read through {id}"), || async {
-                c.leader(id, "warmup").await.ok()
+        for id in c.nodes.ids() {
+            wait_for(&format!("a leader read through {id}"), DEADLINE, || async {
+                c.leader(&id, "warmup").await.ok()
             })
             .await;
         }
         c
     }
 
-    fn client_for(
-        certs: &std::path::Path,
-        addrs: &BTreeMap<String, SocketAddr>,
-        timeout: Duration,
-    ) -> Client {
-        let cli = TlsIdentity::load(certs, "cli").expect("cli identity");
-        let addrs = addrs.values().copied().collect();
-        Client::new(&cli, addrs, timeout).expect("client")
-    }
-
-    async fn wait_all_see_each_other(&self) {
-        for (id, n) in &self.nodes {
-            for other in self.nodes.keys().filter(|o| *o != id) {
-                let n = n.membership().clone();
-                let other = other.clone();
-                wait_for(&format!("{id} sees {other} alive"), || {
-                    let ok = n
-                        .view()
-                        .members
-                        .get(&other)
-                        .map(|m| m.state == MemberState::Alive)
-                        == Some(true);
-                    async move { ok.then_some(()) }
-                })
-                .await;
-            }
-        }
-    }
-
+    /// `req` through node `id`, on that node's own client (so concurrent calls to different
+    /// nodes do not share, and keep replacing, one connection).
     async fn call(&self, id: &str, req: ElectionRequest) -> Result<ElectionResponse, ClientError> {
-        let (Some(node), Some(client)) = (self.nodes.get(id), self.clients.get(id)) else {
-            return Err(ClientError::Rpc(RpcError::Unreachable(format!(
-                "{id} is not running"
-            ))));
-        };
-        client.call_at::<ElectionApi>(node.rpc_addr(), &req).await
+        let client = self
+            .nodes
+            .node_client("cli", id, CALL_TIMEOUT)
+            .expect("client");
+        client
+            .call_at::<ElectionApi>(self.nodes.node(id).rpc_addr(), &req)
+            .await
     }
 
     async fn campaign(
@@ -227,6 +126,7 @@ impl Cluster {
     async fn wait_candidates(&self, id: &str, name: &str, n: u32) {
         wait_for(
             &format!("{n} candidates behind the leader of {name}"),
+            DEADLINE,
             || async {
                 let (_, c) = self.leader(id, name).await.ok()?;
                 (c == n).then_some(())
@@ -235,9 +135,9 @@ impl Cluster {
         .await
     }
 
+    /// A new client of node `id` alone (its own connection).
     fn client_to(&self, id: &str) -> Client {
-        let one = BTreeMap::from([(id.to_string(), self.nodes[id].rpc_addr())]);
-        Self::client_for(&self.certs, &one, Duration::from_secs(60))
+        self.nodes.client_at(id, CALL_TIMEOUT).expect("client")
     }
 }
 
@@ -291,7 +191,7 @@ async fn one_leader_failover_on_kill_resign_hands_over_and_observe_sees_each_cha
             .await
         })
     };
-    wait_for("the observer's first answer", || async {
+    wait_for("the observer's first answer", DEADLINE, || async {
         (!seen.lock().expect("seen").is_empty()).then_some(())
     })
     .await;
@@ -337,8 +237,7 @@ async fn one_leader_failover_on_kill_resign_hands_over_and_observe_sees_each_cha
 
     // Kill the leader's node: its lease expires and b, next in line, wins with a higher term.
     let killed = Instant::now();
-    c.nodes.remove("n4").expect("n4").kill().await;
-    c.clients.remove("n4");
+    c.nodes.kill("n4").await;
     let tb = tokio::time::timeout(DEADLINE, b)
         .await
         .expect("b elected within the deadline")
@@ -380,7 +279,7 @@ async fn one_leader_failover_on_kill_resign_hands_over_and_observe_sees_each_cha
         Some(("c".into(), tc)),
         None,
     ];
-    let got = wait_for("the observer sees every change", || async {
+    let got = wait_for("the observer sees every change", DEADLINE, || async {
         let s = seen.lock().expect("seen").clone();
         (s.len() >= want.len()).then_some(s)
     })
