@@ -5,35 +5,11 @@
 use std::time::Duration;
 
 use dsys_plugin_wal::{WalApi, WalPlugin, WalRequest, WalResponse, MAX_TEXT_BYTES};
-use dsys_runtime::{
-    init_cluster_certs, plugin_factory, Client, ClientError, ClusterConfig, MemberState, Node,
-    NodeOptions, RpcError, TlsIdentity,
-};
+use dsys_runtime::testkit::TestNodes;
+use dsys_runtime::{plugin_factory, ClientError, RpcError};
 
-async fn start(cfg: &ClusterConfig, id: &str, seeds: Vec<std::net::SocketAddr>) -> Node {
-    let n = Node::start(NodeOptions {
-        config: cfg.clone(),
-        node_id: id.into(),
-        plugins: vec![plugin_factory::<WalPlugin>()],
-        seed_addrs: seeds,
-    })
-    .await
-    .expect("node start");
-    assert!(n.host().wait_running("wal", Duration::from_secs(10)).await);
-    n
-}
-
-async fn sees(n: &Node, other: &str) {
-    let t0 = tokio::time::Instant::now();
-    while t0.elapsed() < Duration::from_secs(30) {
-        let v = n.membership().view();
-        if v.members.get(other).map(|m| m.state == MemberState::Alive) == Some(true) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("{} never saw {other} alive", n.id());
-}
+/// Per-request deadline of the test's client.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn refused(r: Result<WalResponse, ClientError>) -> String {
     match r {
@@ -44,17 +20,13 @@ fn refused(r: Result<WalResponse, ClientError>) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn append_read_verify_checkpoint_across_nodes() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let certs = dir.path().join("certs");
-    let cfg = ClusterConfig::local_ephemeral(2, &certs, &dir.path().join("data"));
-    cfg.validate().expect("config");
-    let ids: Vec<String> = cfg.nodes.keys().cloned().collect();
-    init_cluster_certs(&certs, &ids).expect("certs");
-    let n1 = start(&cfg, "n1", vec![]).await;
-    let n2 = start(&cfg, "n2", vec![n1.gossip_addr()]).await;
-    sees(&n1, "n2").await;
-    let id = TlsIdentity::load(&certs, "cli").expect("cli identity");
-    let client = Client::new(&id, vec![n1.rpc_addr()], Duration::from_secs(10)).expect("client");
+    // 30 s for each node to see the other alive.
+    let mut c = TestNodes::builder(2, || vec![plugin_factory::<WalPlugin>()])
+        .converge_deadline(Duration::from_secs(60))
+        .start()
+        .await
+        .expect("cluster");
+    let client = c.client_at("n1", CALL_TIMEOUT).expect("client");
     let call = |req: WalRequest| {
         let client = &client;
         async move { client.call::<WalApi>(&req).await }
@@ -174,9 +146,8 @@ async fn append_read_verify_checkpoint_across_nodes() {
     assert_eq!(info.upto_lsn, 6);
 
     // Restart n1 (abruptly): its log comes back from disk.
-    n1.kill().await;
-    let n1 = start(&cfg, "n1", vec![n2.gossip_addr()]).await;
-    let client = Client::new(&id, vec![n1.rpc_addr()], Duration::from_secs(10)).expect("client");
+    c.restart("n1").await.expect("restart n1");
+    let client = c.client_at("n1", CALL_TIMEOUT).expect("client");
     let WalResponse::Stats {
         stats, recovery, ..
     } = client
@@ -202,6 +173,5 @@ async fn append_read_verify_checkpoint_across_nodes() {
             lsn: 2
         }
     );
-    n1.shutdown().await;
-    n2.shutdown().await;
+    c.shutdown().await;
 }
