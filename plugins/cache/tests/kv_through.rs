@@ -6,45 +6,11 @@ use std::time::Duration;
 
 use dsys_plugin_cache::{CacheApi, CachePlugin, CacheRequest, CacheResponse};
 use dsys_plugin_kv::{KvApi, KvPlugin, KvRequest, KvResponse};
-use dsys_runtime::{
-    init_cluster_certs, plugin_factory, Client, ClusterConfig, MemberState, Node, NodeOptions,
-    TlsIdentity,
-};
+use dsys_runtime::plugin_factory;
+use dsys_runtime::testkit::TestNodes;
 
-async fn start(cfg: &ClusterConfig, id: &str, seeds: Vec<std::net::SocketAddr>) -> Node {
-    let n = Node::start(NodeOptions {
-        config: cfg.clone(),
-        node_id: id.into(),
-        plugins: vec![
-            plugin_factory::<KvPlugin>(),
-            plugin_factory::<CachePlugin>(),
-        ],
-        seed_addrs: seeds,
-    })
-    .await
-    .expect("node start");
-    assert!(
-        n.host()
-            .wait_running("cache", Duration::from_secs(10))
-            .await
-    );
-    assert!(n.host().wait_running("kv", Duration::from_secs(10)).await);
-    n
-}
-
-async fn sees(n: &Node, other: &str) {
-    let t0 = tokio::time::Instant::now();
-    while t0.elapsed() < Duration::from_secs(30) {
-        let v = n.membership().view();
-        if v.members.get(other).map(|m| m.state == MemberState::Alive) == Some(true)
-            && n.membership().ring().nodes().len() == 2
-        {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("{} never saw {other} alive", n.id());
-}
+/// Per-request deadline of the test's CLI clients.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn kv_value(r: KvResponse) -> Option<Vec<u8>> {
     match r {
@@ -61,24 +27,23 @@ async fn read_through_and_write_through() {
 }
 
 async fn scenario() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let certs = dir.path().join("certs");
-    let mut cfg = ClusterConfig::local_ephemeral(2, &certs, &dir.path().join("data"));
-    cfg.plugins
-        .insert("kv".into(), serde_json::json!({ "n": 2, "w": 2, "r": 2 }));
-    cfg.plugins.insert(
-        "cache".into(),
+    // 30 s for each node to see the other alive, and to have it in its ring.
+    let cluster = TestNodes::builder(2, || {
+        vec![
+            plugin_factory::<KvPlugin>(),
+            plugin_factory::<CachePlugin>(),
+        ]
+    })
+    .converge_deadline(Duration::from_secs(60))
+    .plugin_config("kv", serde_json::json!({ "n": 2, "w": 2, "r": 2 }))
+    .plugin_config(
+        "cache",
         serde_json::json!({ "read_through": ["db:"], "write_through": ["db:"] }),
-    );
-    cfg.validate().expect("config");
-    let ids: Vec<String> = cfg.nodes.keys().cloned().collect();
-    init_cluster_certs(&certs, &ids).expect("certs");
-    let n1 = start(&cfg, "n1", vec![]).await;
-    let n2 = start(&cfg, "n2", vec![n1.gossip_addr()]).await;
-    sees(&n1, "n2").await;
-    sees(&n2, "n1").await;
-    let id = TlsIdentity::load(&certs, "cli").expect("cli identity");
-    let client = Client::new(&id, vec![n1.rpc_addr()], Duration::from_secs(10)).expect("client");
+    )
+    .start()
+    .await
+    .expect("cluster");
+    let client = cluster.client_at("n1", CALL_TIMEOUT).expect("client");
     let port = match client
         .call::<CacheApi>(&CacheRequest::Stats)
         .await
@@ -179,8 +144,8 @@ async fn scenario() {
         .expect("get");
     assert_eq!(v.as_deref(), Some("two"));
     let mut loads = 0;
-    for n in [&n1, &n2] {
-        let cl = Client::new(&id, vec![n.rpc_addr()], Duration::from_secs(10)).expect("client");
+    for id in ["n1", "n2"] {
+        let cl = cluster.client_at(id, CALL_TIMEOUT).expect("client");
         if let CacheResponse::Stats(s) = cl
             .call::<CacheApi>(&CacheRequest::Stats)
             .await
@@ -193,6 +158,5 @@ async fn scenario() {
         loads, 2,
         "db:2 loaded twice (first read, after invalidation)"
     );
-    n1.shutdown().await;
-    n2.shutdown().await;
+    cluster.shutdown().await;
 }

@@ -6,59 +6,37 @@
 use std::time::Duration;
 
 use dsys_plugin_cache::{CacheApi, CachePlugin, CacheRequest, CacheResponse};
-use dsys_runtime::{
-    init_cluster_certs, plugin_factory, Client, ClusterConfig, MemberState, Node, NodeOptions,
-    TlsIdentity,
-};
+use dsys_runtime::plugin_factory;
+use dsys_runtime::testkit::TestNodes;
 use redis::aio::MultiplexedConnection;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-async fn start(cfg: &ClusterConfig, id: &str, seeds: Vec<std::net::SocketAddr>) -> Node {
-    let n = Node::start(NodeOptions {
-        config: cfg.clone(),
-        node_id: id.into(),
-        plugins: vec![plugin_factory::<CachePlugin>()],
-        seed_addrs: seeds,
-    })
-    .await
-    .expect("node start");
-    assert!(
-        n.host()
-            .wait_running("cache", Duration::from_secs(10))
-            .await
-    );
-    n
-}
+/// Per-request deadline of the test's CLI clients.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
-async fn sees_all(n: &Node, others: &[&str]) {
-    let t0 = tokio::time::Instant::now();
-    while t0.elapsed() < Duration::from_secs(30) {
-        let v = n.membership().view();
-        let all = others
-            .iter()
-            .all(|o| v.members.get(*o).map(|m| m.state == MemberState::Alive) == Some(true));
-        if all && n.membership().ring().nodes().len() == others.len() + 1 {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("{} never saw {others:?} alive", n.id());
-}
-
-async fn resp_port(certs: &std::path::Path, n: &Node) -> u16 {
-    let id = TlsIdentity::load(certs, "cli").expect("cli identity");
-    let client = Client::new(&id, vec![n.rpc_addr()], Duration::from_secs(10)).expect("client");
+/// Node `id`'s RESP port, from its cache stats.
+async fn resp_port(c: &TestNodes, id: &str) -> u16 {
+    let client = c.client_at(id, CALL_TIMEOUT).expect("client");
     match client
         .call::<CacheApi>(&CacheRequest::Stats)
         .await
         .expect("stats")
     {
         CacheResponse::Stats(s) => {
-            assert_eq!(s.node, n.id());
+            assert_eq!(s.node, id);
             assert_ne!(s.resp_port, 0);
             s.resp_port
         }
         other => panic!("not stats: {other:?}"),
+    }
+}
+
+/// How many keys node `id` holds (primary and replica copies).
+async fn held(c: &TestNodes, id: &str) -> u64 {
+    let client = c.client_at(id, CALL_TIMEOUT).expect("client");
+    match client.call::<CacheApi>(&CacheRequest::Stats).await {
+        Ok(CacheResponse::Stats(s)) => s.keys,
+        other => panic!("stats: {other:?}"),
     }
 }
 
@@ -130,25 +108,18 @@ async fn redis_client_against_three_nodes() {
 }
 
 async fn scenario() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let certs = dir.path().join("certs");
-    let cfg = ClusterConfig::local_ephemeral(3, &certs, &dir.path().join("data"));
-    cfg.validate().expect("config");
-    let ids: Vec<String> = cfg.nodes.keys().cloned().collect();
-    init_cluster_certs(&certs, &ids).expect("certs");
-    let n1 = start(&cfg, "n1", vec![]).await;
-    let n2 = start(&cfg, "n2", vec![n1.gossip_addr()]).await;
-    let n3 = start(&cfg, "n3", vec![n1.gossip_addr()]).await;
-    sees_all(&n1, &["n2", "n3"]).await;
-    sees_all(&n2, &["n1", "n3"]).await;
-    sees_all(&n3, &["n1", "n2"]).await;
+    // 30 s for each node to see the two others alive, and to have them in its ring.
+    let mut cluster = TestNodes::builder(3, || vec![plugin_factory::<CachePlugin>()])
+        .converge_deadline(Duration::from_secs(90))
+        .start()
+        .await
+        .expect("cluster");
     let (p1, p2, p3) = (
-        resp_port(&certs, &n1).await,
-        resp_port(&certs, &n2).await,
-        resp_port(&certs, &n3).await,
+        resp_port(&cluster, "n1").await,
+        resp_port(&cluster, "n2").await,
+        resp_port(&cluster, "n3").await,
     );
     let (mut c1, mut c2, mut c3) = (conn(p1).await, conn(p2).await, conn(p3).await);
-    let id = TlsIdentity::load(&certs, "cli").expect("cli identity");
 
     // Basics, and writes on one node read on every other.
     assert_eq!(cmd::<String>(&mut c1, &["PING"]).await, "PONG");
@@ -172,7 +143,7 @@ async fn scenario() {
 
     // Many connections at once: their commands for one owner share forwarded batches, and
     // each connection still gets its own replies, in order.
-    let ring = n1.membership().ring();
+    let ring = cluster.node("n1").membership().ring();
     let mut tasks = Vec::new();
     for t in 0..16 {
         tasks.push(tokio::spawn(async move {
@@ -334,7 +305,7 @@ async fn scenario() {
     assert_eq!(cmd::<String>(&mut c3, &["PING"]).await, "PONG");
 
     // The CLI requests.
-    let client = Client::new(&id, vec![n2.rpc_addr()], Duration::from_secs(10)).expect("client");
+    let client = cluster.client_at("n2", CALL_TIMEOUT).expect("client");
     let r = client
         .call::<CacheApi>(&CacheRequest::Set {
             key: "cli:1".into(),
@@ -383,7 +354,7 @@ async fn scenario() {
     );
 
     // Kill the primary of some keys: their replicas serve them.
-    let ring = n1.membership().ring();
+    let ring = cluster.node("n1").membership().ring();
     let keys: Vec<String> = (0..200)
         .map(|i| format!("ha:{i}"))
         .filter(|k| {
@@ -396,21 +367,12 @@ async fn scenario() {
         .collect();
     assert!(!keys.is_empty());
     // Their copies are on n1 and n2 (one each): wait until both hold them all.
-    let held = |n: &Node| {
-        let client = Client::new(&id, vec![n.rpc_addr()], Duration::from_secs(10)).expect("client");
-        async move {
-            match client.call::<CacheApi>(&CacheRequest::Stats).await {
-                Ok(CacheResponse::Stats(s)) => s.keys,
-                other => panic!("stats: {other:?}"),
-            }
-        }
-    };
-    let before = held(&n1).await + held(&n2).await;
+    let before = held(&cluster, "n1").await + held(&cluster, "n2").await;
     for k in &keys {
         let _: () = cmd(&mut c1, &["SET", k, &format!("val-{k}")]).await;
     }
     let t0 = tokio::time::Instant::now();
-    while held(&n1).await + held(&n2).await < before + keys.len() as u64 {
+    while held(&cluster, "n1").await + held(&cluster, "n2").await < before + keys.len() as u64 {
         assert!(
             t0.elapsed() < Duration::from_secs(10),
             "replica copies never arrived"
@@ -431,7 +393,7 @@ async fn scenario() {
     for k in &others {
         let _: () = cmd(&mut c2, &["SET", k, &format!("val-{k}")]).await;
     }
-    n3.kill().await;
+    cluster.kill("n3").await;
     // A pipeline mixing the dead owner's keys with the others': the batch bound for n3
     // fails over to the replicas, and every reply comes back in order.
     let t0 = tokio::time::Instant::now();
@@ -494,11 +456,11 @@ async fn scenario() {
     // two nodes means each holds all of them (DBSIZE counts each key once).
     let t0 = tokio::time::Instant::now();
     loop {
-        let gone = [&n1, &n2]
+        let gone = ["n1", "n2"]
             .iter()
-            .all(|n| n.membership().ring().nodes().len() == 2);
+            .all(|id| cluster.node(id).membership().ring().nodes().len() == 2);
         let total = dbsize(&mut c1).await;
-        let (k1, k2) = (held(&n1).await, held(&n2).await);
+        let (k1, k2) = (held(&cluster, "n1").await, held(&cluster, "n2").await);
         if gone && total > 0 && k1 == total as u64 && k2 == total as u64 {
             break;
         }
@@ -512,6 +474,5 @@ async fn scenario() {
         let v: Option<String> = cmd(&mut c2, &["GET", k]).await;
         assert_eq!(v, Some(format!("val-{k}")));
     }
-    n1.shutdown().await;
-    n2.shutdown().await;
+    cluster.shutdown().await;
 }
