@@ -8,7 +8,6 @@
 //! are printed (`--nocapture`), not asserted.
 
 use std::collections::BTreeMap;
-use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,125 +18,62 @@ use dsys_plugin_lock::recipe::transient;
 use dsys_plugin_ratelimit::{
     RatelimitApi, RatelimitPlugin, RatelimitRequest, RatelimitResponse, RuleSource,
 };
-use dsys_runtime::{
-    init_cluster_certs, plugin_factory, Client, ClientError, ClusterConfig, MemberState, Node,
-    NodeOptions, RpcError, TlsIdentity,
-};
+use dsys_runtime::testkit::{wait_for, TestNodes};
+use dsys_runtime::{plugin_factory, Client, ClientError, RpcError};
 use tokio::time::Instant;
 
 const DEADLINE: Duration = Duration::from_secs(90);
-
-/// One cluster at a time in this binary: 3 Raft nodes with fsyncs each, on a small machine.
-static GATE: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
-
-struct Cluster {
-    _gate: tokio::sync::SemaphorePermit<'static>,
-    _dir: tempfile::TempDir,
-    cfg: ClusterConfig,
-    certs: std::path::PathBuf,
-    nodes: BTreeMap<String, Node>,
-    /// Clients by (identity, node address): each keeps its one connection.
-    clients: std::sync::Mutex<BTreeMap<(String, SocketAddr), Arc<Client>>>,
-}
-
-fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
-}
-
-async fn start_node(cfg: &ClusterConfig, id: &str, seeds: Vec<SocketAddr>) -> Node {
-    let n = Node::start(NodeOptions {
-        config: cfg.clone(),
-        node_id: id.into(),
-        plugins: vec![
-            plugin_factory::<RatelimitPlugin>(),
-            plugin_factory::<ConsensusPlugin>(),
-            plugin_factory::<ConfigPlugin>(),
-        ],
-        seed_addrs: seeds,
-    })
-    .await
-    .expect("node start");
-    for p in ["ratelimit", "consensus", "config"] {
-        assert!(
-            n.host().wait_running(p, Duration::from_secs(20)).await,
-            "{p} did not start on {id}"
-        );
-    }
-    n
-}
-
-/// Poll `f` until it returns `Some`, or panic after the deadline.
-async fn wait_for<T, F, Fut>(what: &str, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let t0 = Instant::now();
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        if t0.elapsed() > DEADLINE {
-            panic!("timed out waiting for: {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
+/// Per-request deadline of the tests' clients.
+const CALL_TIMEOUT: Duration = Duration::from_secs(20);
 
 const RULE_API_TOML: &str = r#"{"algorithm":"token_bucket","limit":100,"window_ms":60000}"#;
 
+/// Three nodes running `ratelimit`, `consensus` and `config`, all Raft voters.
+///
+/// One cluster at a time in this binary (3 Raft nodes with fsyncs each, on a small machine):
+/// it is [`TestNodesBuilder::exclusive`](dsys_runtime::testkit::TestNodesBuilder::exclusive).
+struct Cluster {
+    nodes: TestNodes,
+}
+
 impl Cluster {
     async fn new() -> Cluster {
-        init_tracing();
-        let gate = GATE.acquire().await.expect("gate");
-        let dir = tempfile::tempdir().expect("tmp");
-        let certs = dir.path().join("certs");
-        let mut cfg = ClusterConfig::local_ephemeral(3, &certs, &dir.path().join("data"));
-        cfg.cluster.rpc_timeout_ms = 8000;
+        let api: serde_json::Value = serde_json::from_str(RULE_API_TOML).expect("json");
+        let nodes = TestNodes::builder(3, || {
+            vec![
+                plugin_factory::<RatelimitPlugin>(),
+                plugin_factory::<ConsensusPlugin>(),
+                plugin_factory::<ConfigPlugin>(),
+            ]
+        })
+        .exclusive()
+        .converge_deadline(DEADLINE)
+        .config(|c| c.cluster.rpc_timeout_ms = 8000)
         // Slower Raft timers than the defaults: this machine is shared and often loaded,
         // and RPC deadlines of one heartbeat (100 ms) kept a first cluster from electing.
-        cfg.plugins.insert(
-            "consensus".into(),
+        .plugin_config(
+            "consensus",
             serde_json::json!({
                 "voters": ["n1", "n2", "n3"],
                 "heartbeat_ms": 300,
                 "election_min_ms": 2000,
                 "election_max_ms": 4000,
             }),
-        );
-        let api: serde_json::Value = serde_json::from_str(RULE_API_TOML).expect("json");
-        cfg.plugins.insert(
-            "ratelimit".into(),
+        )
+        .plugin_config(
+            "ratelimit",
             serde_json::json!({"rules": {
                 "api": api,
                 "login": {"algorithm": "sliding_log", "limit": 5, "window_ms": 600000},
             }}),
-        );
-        cfg.validate().expect("config");
-        let ids: Vec<String> = cfg.nodes.keys().cloned().collect();
-        init_cluster_certs(&certs, &ids).expect("certs");
-        let mut nodes = BTreeMap::new();
-        let mut seeds = Vec::new();
-        for id in &ids {
-            let node = start_node(&cfg, id, seeds.clone()).await;
-            seeds.push(node.gossip_addr());
-            nodes.insert(id.clone(), node);
-        }
-        let c = Cluster {
-            _gate: gate,
-            _dir: dir,
-            cfg,
-            certs,
-            nodes,
-            clients: Default::default(),
-        };
-        c.wait_all_see_each_other().await;
+        )
+        .start()
+        .await
+        .expect("cluster");
+        let c = Cluster { nodes };
         // Ready once config answers a linearizable read through every node.
-        for id in ids {
-            wait_for(&format!("config through {id}"), || async {
+        for id in c.nodes.ids() {
+            wait_for(&format!("config through {id}"), DEADLINE, || async {
                 c.config(&id, ConfigRequest::SchemaList).await.ok()
             })
             .await;
@@ -145,45 +81,22 @@ impl Cluster {
         c
     }
 
-    async fn wait_all_see_each_other(&self) {
-        for (id, n) in &self.nodes {
-            for other in self.nodes.keys().filter(|o| *o != id) {
-                let m = n.membership().clone();
-                wait_for(&format!("{id} sees {other} alive"), || {
-                    let ok = m
-                        .view()
-                        .members
-                        .get(other)
-                        .map(|m| m.state == MemberState::Alive)
-                        == Some(true);
-                    async move { ok.then_some(()) }
-                })
-                .await;
-            }
-        }
-    }
-
     /// A new client presenting `identity`, trying every node.
     fn client(&self, identity: &str) -> Client {
-        let id = TlsIdentity::load(&self.certs, identity).expect("identity");
-        let addrs = self.nodes.values().map(|n| n.rpc_addr()).collect();
-        Client::new(&id, addrs, Duration::from_secs(20)).expect("client")
+        self.nodes
+            .client_with(identity, self.nodes.endpoints(), CALL_TIMEOUT)
+            .expect("client")
     }
 
-    /// The client of node `id` presenting `identity` (made once).
+    /// The client of node `id` presenting `identity` (made once: each keeps its connection).
     fn client_at(&self, identity: &str, id: &str) -> Arc<Client> {
-        let addr = self.addr(id);
-        let mut g = self.clients.lock().expect("clients");
-        g.entry((identity.to_string(), addr))
-            .or_insert_with(|| {
-                let tls = TlsIdentity::load(&self.certs, identity).expect("identity");
-                Arc::new(Client::new(&tls, vec![addr], Duration::from_secs(20)).expect("client"))
-            })
-            .clone()
+        self.nodes
+            .node_client(identity, id, CALL_TIMEOUT)
+            .expect("client")
     }
 
     fn addr(&self, id: &str) -> SocketAddr {
-        self.nodes[id].rpc_addr()
+        self.nodes.node(id).rpc_addr()
     }
 
     /// A config request through node `id` with the admin certificate, retrying errors after
@@ -303,9 +216,7 @@ impl Cluster {
     }
 
     async fn shutdown(self) {
-        for (_, n) in self.nodes {
-            n.shutdown().await;
-        }
+        self.nodes.shutdown().await
     }
 }
 
@@ -323,7 +234,7 @@ fn unauthorized<T>(r: &Result<T, ClientError>) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ratelimit_rule_put_through_config_changes_every_node() {
     let mut c = Cluster::new().await;
-    let ids: Vec<String> = c.nodes.keys().cloned().collect();
+    let ids = c.nodes.ids();
     for id in &ids {
         let (limit, source) = c.rule_on(id, "api").await.expect("api rule");
         assert_eq!((limit, source), (100, RuleSource::ClusterToml), "on {id}");
@@ -339,7 +250,7 @@ async fn ratelimit_rule_put_through_config_changes_every_node() {
     let acked = t0.elapsed();
     let mut seen = Vec::new();
     for id in &ids {
-        wait_for(&format!("{id} enforces api limit 2"), || async {
+        wait_for(&format!("{id} enforces api limit 2"), DEADLINE, || async {
             let r = c.rule_on(id, "api").await?;
             (r == (2, RuleSource::Config { revision: rev })).then_some(())
         })
@@ -374,7 +285,7 @@ async fn ratelimit_rule_put_through_config_changes_every_node() {
         )
         .await;
     for id in &ids {
-        wait_for(&format!("{id} knows burst"), || async {
+        wait_for(&format!("{id} knows burst"), DEADLINE, || async {
             let r = c.rule_on(id, "burst").await?;
             (r == (1, RuleSource::Config { revision: rev_new })).then_some(())
         })
@@ -384,16 +295,19 @@ async fn ratelimit_rule_put_through_config_changes_every_node() {
     assert!(!c.check("n1", "burst", "b").await);
 
     // A node that restarts serves cluster.toml's rules at first, then converges on config's.
-    let n3 = c.nodes.remove("n3").expect("n3");
-    n3.kill().await;
-    let seeds = vec![c.nodes["n1"].gossip_addr()];
-    let node = start_node(&c.cfg, "n3", seeds).await;
-    c.nodes.insert("n3".into(), node);
-    c.wait_all_see_each_other().await;
-    wait_for("restarted n3 enforces config's api rule", || async {
-        let r = c.rule_on("n3", "api").await?;
-        (r == (2, RuleSource::Config { revision: rev })).then_some(())
-    })
+    c.nodes.restart("n3").await.expect("restart n3");
+    assert!(
+        c.nodes.wait_converged(DEADLINE).await,
+        "restarted n3 and the others did not see each other alive"
+    );
+    wait_for(
+        "restarted n3 enforces config's api rule",
+        DEADLINE,
+        || async {
+            let r = c.rule_on("n3", "api").await?;
+            (r == (2, RuleSource::Config { revision: rev })).then_some(())
+        },
+    )
     .await;
 
     // Deleting the config key brings cluster.toml's rule back everywhere.
@@ -412,10 +326,14 @@ async fn ratelimit_rule_put_through_config_changes_every_node() {
         "{del:?}"
     );
     for id in &ids {
-        wait_for(&format!("{id} back on cluster.toml's api"), || async {
-            let r = c.rule_on(id, "api").await?;
-            (r == (100, RuleSource::ClusterToml)).then_some(())
-        })
+        wait_for(
+            &format!("{id} back on cluster.toml's api"),
+            DEADLINE,
+            || async {
+                let r = c.rule_on(id, "api").await?;
+                (r == (100, RuleSource::ClusterToml)).then_some(())
+            },
+        )
         .await;
         // The rule changed, so the limited key starts afresh under the old limit.
         assert!(c.check(id, "api", &format!("user-via-{id}")).await, "{id}");
@@ -848,7 +766,7 @@ async fn watch_from_a_revision_sees_every_change_in_order() {
 #[ignore]
 async fn reload_latency() {
     let c = Cluster::new().await;
-    let ids: Vec<String> = c.nodes.keys().cloned().collect();
+    let ids = c.nodes.ids();
     let (mut acks, mut all) = (Vec::new(), Vec::new());
     for i in 0..30u64 {
         let rule = format!(
