@@ -139,7 +139,7 @@ impl Inner {
                 })
             }
             None => {
-                drop(guard);
+                guard.release().await;
                 let ElectionResponse::Leader { leader, .. } = self.leader(name).await? else {
                     return Err(RpcError::Internal("leader read".into()));
                 };

@@ -201,8 +201,8 @@ impl Inner {
                 },
             );
             let Some(mine) = self.cx.wait_head(&prefix, &key, deadline).await? else {
+                guard.release().await;
                 let st = self.status(name).await?;
-                drop(guard);
                 return Ok(LockResponse::NotAcquired {
                     name: name.to_string(),
                     holder: st.holder,

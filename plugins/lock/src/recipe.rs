@@ -406,6 +406,19 @@ impl<'a, T: Clone + Send + 'static> Abandon<'a, T> {
     pub fn disarm(mut self) {
         self.lease = None;
     }
+
+    /// Leave the queue now: revoke the lease before answering, so whoever hears "not
+    /// acquired" / "not elected" no longer finds this contender queued. (Dropping the guard
+    /// does the same in the background, for requests cancelled mid-wait.) A failed revoke
+    /// is logged; the lease then dies at its TTL, its keep-alive being stopped already.
+    pub async fn release(mut self) {
+        if let Some(lease) = self.lease.take() {
+            self.sessions.stop(lease);
+            if let Err(e) = self.cx.revoke(lease).await {
+                tracing::info!(lease, "revoking a contender's lease: {e}");
+            }
+        }
+    }
 }
 
 impl<T: Clone + Send + 'static> Drop for Abandon<'_, T> {
