@@ -6,134 +6,84 @@
 //! Every wait is on a condition with a deadline; nothing sleeps and hopes.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use dsys_plugin_consensus::{ConsensusApi, ConsensusPlugin, ConsensusRequest, ConsensusResponse};
 use dsys_plugin_idgen::layout::decode;
 use dsys_plugin_idgen::{IdBatch, IdRequest, IdResponse, IdStatus, IdgenApi, IdgenPlugin};
-use dsys_runtime::{
-    init_cluster_certs, plugin_factory, Client, ClientError, ClusterConfig, FaultCommand,
-    MemberState, Node, NodeOptions, RpcError, TlsIdentity,
-};
+use dsys_runtime::testkit::TestNodes;
+use dsys_runtime::{plugin_factory, Client, ClientError, FaultCommand, RpcError};
 use tokio::time::Instant;
 
 const DEADLINE: Duration = Duration::from_secs(60);
 /// Worker id lease TTL in these tests (generous: a loaded machine may stall keep-alives).
 const TTL_MS: u64 = 10_000;
 
-/// One cluster at a time in this test binary (each is 4-5 nodes with Raft and fsyncs).
-static GATE: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
-
-struct Cluster {
-    _gate: tokio::sync::SemaphorePermit<'static>,
-    _dir: tempfile::TempDir,
-    cfg: ClusterConfig,
-    nodes: BTreeMap<String, Node>,
-    client: std::sync::Arc<Client>,
-}
-
-fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
-}
-
-/// Poll `f` until it returns `Some`, or panic after the deadline.
-async fn wait_for<T, F, Fut>(what: &str, mut f: F) -> T
+/// Poll `f` until it returns `Some`, or panic after [`DEADLINE`].
+async fn wait_for<T, F, Fut>(what: &str, f: F) -> T
 where
     F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
+    Fut: std::future::Future<Output = Option<T>>,
 {
-    let t0 = Instant::now();
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        if t0.elapsed() > DEADLINE {
-            panic!("timed out waiting for: {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    dsys_runtime::testkit::wait_for(what, DEADLINE, f).await
+}
+
+struct Cluster {
+    nodes: TestNodes,
+    client: Arc<Client>,
 }
 
 impl Cluster {
-    /// A config for `n` nodes (n1..n3 Raft voters); `start` of them are started.
+    /// A config for `n` nodes (n1..n3 Raft voters); `start` of them are started. One
+    /// cluster at a time in this test binary (each is 4-5 nodes with Raft and fsyncs).
     async fn new(n: usize, start: usize) -> Cluster {
-        init_tracing();
-        let gate = GATE.acquire().await.expect("gate");
-        let dir = tempfile::tempdir().expect("tmp");
-        let certs = dir.path().join("certs");
-        let mut cfg = ClusterConfig::local_ephemeral(n, &certs, &dir.path().join("data"));
-        cfg.cluster.rpc_timeout_ms = 8000;
-        cfg.plugins.insert(
-            "consensus".into(),
+        let nodes = TestNodes::builder(n, || {
+            vec![
+                plugin_factory::<ConsensusPlugin>(),
+                plugin_factory::<IdgenPlugin>(),
+            ]
+        })
+        .exclusive()
+        .start_only(start)
+        .converge_deadline(DEADLINE)
+        .config(|cfg| cfg.cluster.rpc_timeout_ms = 8000)
+        .plugin_config(
+            "consensus",
             serde_json::json!({"voters": ["n1", "n2", "n3"]}),
+        )
+        .plugin_config("idgen", serde_json::json!({"ttl_ms": TTL_MS}))
+        .start()
+        .await
+        .expect("cluster");
+        // One client; each call names its node (`call_at`).
+        let client = Arc::new(
+            nodes
+                .client_with("cli", vec![], Duration::from_secs(30))
+                .expect("client"),
         );
-        cfg.plugins
-            .insert("idgen".into(), serde_json::json!({"ttl_ms": TTL_MS}));
-        cfg.validate().expect("config");
-        let ids: Vec<String> = cfg.nodes.keys().cloned().collect();
-        init_cluster_certs(&certs, &ids).expect("certs");
-        let cli = TlsIdentity::load(&certs, "cli").expect("cli identity");
-        let client = std::sync::Arc::new(
-            Client::new(&cli, vec![], Duration::from_secs(30)).expect("client"),
-        );
-        let mut c = Cluster {
-            _gate: gate,
-            _dir: dir,
-            cfg,
-            nodes: BTreeMap::new(),
-            client,
-        };
-        for id in ids.iter().take(start) {
-            c.start(id).await;
-        }
-        for id in ids.iter().take(start) {
-            c.wait_active(id).await;
+        let c = Cluster { nodes, client };
+        for id in c.nodes.running() {
+            c.wait_active(&id).await;
         }
         c
     }
 
     async fn start(&mut self, id: &str) {
-        let seeds: Vec<SocketAddr> = self.nodes.values().map(|n| n.gossip_addr()).collect();
-        let n = Node::start(NodeOptions {
-            config: self.cfg.clone(),
-            node_id: id.into(),
-            plugins: vec![
-                plugin_factory::<ConsensusPlugin>(),
-                plugin_factory::<IdgenPlugin>(),
-            ],
-            seed_addrs: seeds,
-        })
-        .await
-        .expect("node start");
-        for p in ["consensus", "idgen"] {
-            assert!(
-                n.host().wait_running(p, Duration::from_secs(20)).await,
-                "{p} did not start on {id}"
-            );
-        }
-        let m = n.membership().clone();
-        self.nodes.insert(id.into(), n);
-        let others: Vec<String> = self.nodes.keys().filter(|o| *o != id).cloned().collect();
-        for other in others {
-            wait_for(&format!("{id} sees {other} alive"), || {
-                let ok = m.view().members.get(&other).map(|x| x.state) == Some(MemberState::Alive);
-                async move { ok.then_some(()) }
-            })
-            .await;
-        }
+        self.nodes.start_node(id).await.expect("node start");
+        assert!(
+            self.nodes.wait_converged(DEADLINE).await,
+            "{id} and the others did not see each other alive"
+        );
     }
 
     async fn kill(&mut self, id: &str) {
-        self.nodes.remove(id).expect("running").kill().await;
+        self.nodes.kill(id).await;
     }
 
     fn addr(&self, id: &str) -> SocketAddr {
-        self.nodes.get(id).expect("running").rpc_addr()
+        self.nodes.node(id).rpc_addr()
     }
 
     async fn call(&self, id: &str, req: IdRequest) -> Result<IdResponse, ClientError> {
@@ -194,9 +144,7 @@ impl Cluster {
     }
 
     fn fault(&self, cmd: FaultCommand) {
-        for n in self.nodes.values() {
-            n.faults().apply(cmd.clone()).expect("fault");
-        }
+        self.nodes.fault(cmd);
     }
 }
 
@@ -222,7 +170,7 @@ fn strictly_increasing(v: &[u64]) -> bool {
 async fn ids_from_all_nodes_are_unique_and_worker_ids_distinct() {
     let c = Cluster::new(4, 4).await;
     let mut workers = BTreeMap::new();
-    for id in c.nodes.keys() {
+    for id in &c.nodes.running() {
         workers.insert(id.clone(), c.wait_active(id).await);
     }
     let distinct: BTreeSet<u16> = workers.values().copied().collect();
@@ -231,7 +179,7 @@ async fn ids_from_all_nodes_are_unique_and_worker_ids_distinct() {
     // Every node at once, batches of mixed sizes, several requests in flight per node.
     let sizes = [1u32, 7, 4096, 4097, 20_000, 1, 100_000, 3];
     let mut tasks = Vec::new();
-    for id in c.nodes.keys() {
+    for id in &c.nodes.running() {
         for k in 0..3 {
             let (client, addr, id) = (c.client.clone(), c.addr(id), id.clone());
             tasks.push(tokio::spawn(async move {
@@ -275,7 +223,7 @@ async fn ids_from_all_nodes_are_unique_and_worker_ids_distinct() {
     // Live nodes still hold distinct worker ids (a node that lost its lease under load may
     // hold another one by now).
     let mut now_held = BTreeMap::new();
-    for id in c.nodes.keys() {
+    for id in &c.nodes.running() {
         now_held.insert(id.clone(), c.wait_active(id).await);
     }
     let distinct: BTreeSet<u16> = now_held.values().copied().collect();
@@ -283,7 +231,7 @@ async fn ids_from_all_nodes_are_unique_and_worker_ids_distinct() {
     // The counts reach the status (and so the panel and /metrics).
     let issued: u64 = {
         let mut s = 0;
-        for id in c.nodes.keys() {
+        for id in &c.nodes.running() {
             s += c.status(id).await.stats.issued;
         }
         s
