@@ -4,8 +4,9 @@
 #      `dsys bench raft` on 3 dsys nodes with the same workload (500 requests in flight, a
 #      fresh random 256-byte key and a 1024-byte value per put, 8000 puts/s rate limit);
 #   2. failover: SIGKILL the leader while a writer loops (one `put` after another through the
-#      followers' endpoints, the same shell loop for both), and time from the kill to the
-#      first write that started after it and succeeded. TRIALS kills each (default 3).
+#      followers' endpoints, the same shell loop for both, 500 ms deadline per put), and time
+#      from the kill to the end of the first put that started after it and succeeded (a put
+#      that hangs past the recovery costs up to its 500 ms). TRIALS kills each (default 3).
 # Prints both figures and the ratios. Installs etcd-server/etcd-client (Debian packages) when
 # missing. Everything runs on 127.0.0.1 on non-default ports, data in a temporary folder that
 # is removed at the end, and every process it started is stopped by PID.
@@ -13,7 +14,8 @@
 #   scripts/bench-raft.sh            # full run (~4 min)
 #   scripts/bench-raft.sh --quick    # sanity run (~1 min): no check perf (it always runs 60 s),
 #                                    # a 5 s dsys bench, one kill each
-# Environment: DSYS_BIN (default target/release/dsys, built if missing), TRIALS.
+# Environment: DSYS_BIN (default target/release/dsys, built if missing), TRIALS, KEEP=1 keeps
+# the temporary folder (logs) at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 QUICK=0
@@ -39,7 +41,7 @@ cleanup() {
   stop_etcd
   [ -f "$DSYS_CONFIG" ] && scripts/cluster.sh down >/dev/null 2>&1
   wait 2>/dev/null
-  rm -rf "$WORK"
+  if [ -n "${KEEP:-}" ]; then echo "kept $WORK (logs)"; else rm -rf "$WORK"; fi
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
@@ -70,6 +72,16 @@ wait_recovered() {
   local f=$1 k=$2
   for _ in $(seq 200); do
     [ "$(failover_ms "$f" "$k")" != none ] && return 0
+    sleep 0.1
+  done
+  return 1
+}
+
+# Wait (up to 30 s) until the writer has three successes in a row: the cluster is serving
+# writes (e.g. done with the aftermath of the throughput run) when the leader is killed.
+wait_serving() {
+  for _ in $(seq 300); do
+    [ "$(tail -n 3 "$1" | awk '$3 == 0' | wc -l)" -ge 3 ] && return 0
     sleep 0.1
   done
   return 1
@@ -135,9 +147,10 @@ for t in $(seq "$TRIALS"); do
   [ -n "$l" ] || { echo "no etcd leader" >&2; exit 1; }
   followers=$(for i in 1 2 3; do if [ "$i" != "$l" ]; then printf 'http://127.0.0.1:2379%s,' "$i"; fi; done)
   wlog="$WORK/etcd-writer-$t.log"; : >"$wlog"
-  writer "$wlog" etcdctl --endpoints "${followers%,}" --dial-timeout=1s --command-timeout=2s put failover-key v &
+  writer "$wlog" etcdctl --endpoints "${followers%,}" --dial-timeout=500ms --command-timeout=500ms put failover-key v &
   WRITER=$!
-  sleep 2
+  wait_serving "$wlog" || log "etcd trial $t: writes were not succeeding before the kill"
+  l2=$(etcd_leader); [ -n "$l2" ] && [ "$l2" != "$l" ] && log "etcd trial $t: leader moved to e$l2 meanwhile"
   k=$(now_ns)
   kill -KILL "${EPID[$l]}"
   wait_recovered "$wlog" "$k" || true
@@ -176,6 +189,26 @@ raft_leader() { # prints the leader's name once the three voters agree on one
   done
   echo "$l"
 }
+field() { # NODE FIELD: one field of that node's raft status
+  dsys --endpoints "127.0.0.1:$(port "$1")" --timeout 2s --json raft status 2>/dev/null |
+    python3 -c "import json,sys; print(json.load(sys.stdin)['Status']['$2'] or 0)" 2>/dev/null
+}
+# Wait (up to 60 s) until every voter has applied what the leader had committed: a follower
+# that still lags (after the throughput run, or after its restart) would have to catch up
+# before a new leader could commit anything, which is not what a failover measures.
+wait_caught_up() {
+  local l=$1 c n a
+  c=$(field "$l" committed) || return 1
+  for _ in $(seq 300); do
+    local ok=1
+    for n in n1 n2 n3; do
+      a=$(field "$n" applied); [ "${a:-0}" -ge "${c:-0}" ] || { ok=0; break; }
+    done
+    [ $ok = 1 ] && return 0
+    sleep 0.2
+  done
+  return 1
+}
 wait_leader() { for _ in $(seq 300); do raft_leader && return 0; sleep 0.2; done; return 1; }
 
 log "dsys: 3 nodes on 127.0.0.1 ($EPS), voters n1-n3"
@@ -191,11 +224,13 @@ DSYS_WPS=$(grep -oE '^[0-9]+ writes/s' "$WORK/dsys-bench.txt" | grep -oE '^[0-9]
 DSYS_FO=()
 for t in $(seq "$TRIALS"); do
   l=$(wait_leader) || { echo "no Raft leader" >&2; exit 1; }
+  wait_caught_up "$l" || log "dsys trial $t: a voter had not caught up after 60 s"
   followers=$(for n in n1 n2 n3; do if [ "$n" != "$l" ]; then printf '127.0.0.1:%s,' "$(port $n)"; fi; done)
   wlog="$WORK/dsys-writer-$t.log"; : >"$wlog"
-  writer "$wlog" "$BIN" --config "$DSYS_CONFIG" --endpoints "${followers%,}" --timeout 2s raft put failover-key v &
+  writer "$wlog" "$BIN" --config "$DSYS_CONFIG" --endpoints "${followers%,}" --timeout 500ms raft put failover-key v &
   WRITER=$!
-  sleep 2
+  wait_serving "$wlog" || log "dsys trial $t: writes were not succeeding before the kill"
+  l2=$(raft_leader || true); [ -n "$l2" ] && [ "$l2" != "$l" ] && log "dsys trial $t: leader moved to $l2 meanwhile"
   k=$(now_ns)
   scripts/cluster.sh kill "$l" >/dev/null
   wait_recovered "$wlog" "$k" || true

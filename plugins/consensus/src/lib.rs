@@ -51,8 +51,9 @@ const LEASE_TICK: Duration = Duration::from_millis(100);
 /// Most client commands in one batch entry.
 const MAX_BATCH: usize = 1024;
 /// Most estimated bytes of commands in one batch entry (the WAL takes records to 4 MiB and
-/// one command is at most about 2 MiB).
-const MAX_BATCH_BYTES: usize = 1 << 20;
+/// one command is at most about 2 MiB); as `network::MAX_APPEND_BYTES`, so that one batch
+/// fits one AppendEntries.
+const MAX_BATCH_BYTES: usize = network::MAX_APPEND_BYTES;
 /// Batches proposed and not yet applied at a time. openraft 0.9 appends (and fsyncs) one
 /// entry after the other, so while these are in flight the next batch fills up: the batch
 /// size follows the load (group commit), one fsync and one replication round per batch.

@@ -19,8 +19,12 @@ use crate::api::{ConsensusApi, ConsensusRequest, ConsensusResponse};
 use crate::state::{Command, TxnOp};
 use crate::types::{Entry, TypeConfig};
 
-/// Most estimated bytes of entries in one AppendEntries (below the transport's frame cap).
-pub(crate) const MAX_APPEND_BYTES: usize = 8 << 20;
+/// Most estimated bytes of entries in one AppendEntries (the first entry always goes, up to
+/// the transport's frame cap). openraft 0.9 gives an AppendEntries the heartbeat interval
+/// (100 ms) to be sent, written and fsynced by the follower; 8 MiB payloads missed it on a
+/// loaded machine, were sent again in full, and the follower never caught up (replication
+/// livelock, then elections). 256 KiB keeps one round well inside the deadline.
+pub(crate) const MAX_APPEND_BYTES: usize = 256 << 10;
 
 /// Builds connections.
 #[derive(Debug, Clone)]
