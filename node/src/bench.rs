@@ -461,7 +461,11 @@ pub async fn raft(clients: Vec<dsys_runtime::Client>, b: RaftBench) -> anyhow::R
     // nanoseconds since `origin`.
     let origin = tokio::time::Instant::now();
     let next_slot = Arc::new(AtomicU64::new(0));
-    let interval_ns = if b.rate > 0 { 1_000_000_000 / b.rate } else { 0 };
+    let interval_ns = if b.rate > 0 {
+        1_000_000_000 / b.rate
+    } else {
+        0
+    };
     let start = Instant::now();
     let end = start + b.duration;
     let (bar, ticker) = if b.progress {
