@@ -49,6 +49,21 @@ impl LeaseTimer {
             .insert(id, now + Duration::from_millis(ttl_ms));
     }
 
+    /// A client's keep-alive, as etcd judges it: refused (false) once the lease's deadline
+    /// has passed, even if its expiry is not applied yet, because the leader has then
+    /// already decided (or is about to propose) that it is gone. Otherwise the lease lives
+    /// `ttl_ms` from `now`. A lease without a deadline yet (a leader that has not synced it)
+    /// gets one.
+    pub(crate) fn renew(&mut self, id: u64, ttl_ms: u64, now: Instant) -> bool {
+        match self.deadlines.get(&id) {
+            Some(d) if *d <= now => false,
+            _ => {
+                self.keep_alive(id, ttl_ms, now);
+                true
+            }
+        }
+    }
+
     /// Leases whose deadline has passed, sorted.
     pub(crate) fn expired(&self, now: Instant) -> Vec<u64> {
         let mut v: Vec<u64> = self
@@ -65,6 +80,23 @@ impl LeaseTimer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_keepalive_after_the_deadline_is_refused_and_does_not_revive() {
+        let mut t = LeaseTimer::default();
+        let t0 = Instant::now();
+        t.sync(1, t0, &[(7, 1000)].into());
+        assert!(t.renew(7, 1000, t0 + Duration::from_millis(999)));
+        let late = t0 + Duration::from_millis(999 + 1000);
+        assert!(!t.renew(7, 1000, late), "renewed a lease past its deadline");
+        assert_eq!(t.expired(late), [7]);
+        // A lease the leader has no deadline for yet gets a full TTL.
+        assert!(t.renew(8, 500, t0));
+        assert!(t
+            .expired(t0 + Duration::from_millis(499))
+            .iter()
+            .all(|id| *id != 8));
+    }
 
     #[test]
     fn keepalive_expiry_and_new_term() {

@@ -728,10 +728,16 @@ impl Inner {
                     .sm
                     .read(|s| s.state.leases().get(id).map(|l| l.ttl_ms))
                     .ok_or_else(|| RpcError::refused(format!("lease {id} not found")))?;
-                self.leases
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .keep_alive(*id, ttl, Instant::now());
+                let renewed = self.leases.lock().unwrap_or_else(|p| p.into_inner()).renew(
+                    *id,
+                    ttl,
+                    Instant::now(),
+                );
+                if !renewed {
+                    // Its expiry is decided (maybe not applied yet): saying "kept" now would
+                    // let a holder believe in a lease that is about to vanish.
+                    return Err(RpcError::refused(format!("lease {id} expired")).into());
+                }
                 Ok(ConsensusResponse::LeaseKept {
                     id: *id,
                     ttl_ms: ttl,
