@@ -300,12 +300,7 @@ pub async fn kv(
     let errors = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
     let end = start + b.duration;
-    let (bar, ticker) = if b.progress {
-        let (pb, h) = progress_line(b.duration, start, done.clone(), errors.clone());
-        (Some(pb), Some(h))
-    } else {
-        (None, None)
-    };
+    let progress = progress_line(b.progress, b.duration, start, done.clone(), errors.clone());
     let mut workers = Vec::new();
     for w in 0..b.concurrency {
         let (clients, done, errors, b) = (clients.clone(), done.clone(), errors.clone(), b.clone());
@@ -356,12 +351,7 @@ pub async fn kv(
         reads.extend(r);
         writes.extend(wr);
     }
-    if let Some(t) = ticker {
-        t.abort();
-    }
-    if let Some(bar) = bar {
-        bar.finish_and_clear();
-    }
+    progress.finish();
     let wall = start.elapsed();
     let errs = errors.load(Ordering::Relaxed);
     Ok((
@@ -404,15 +394,31 @@ pub struct RaftReport {
     pub rate: u64,
 }
 
-/// A progress line on stderr (elapsed/duration, operations, ops/s, errors) refreshed every
-/// 200 ms until the returned handle is aborted.
+/// A running progress line (or none); [`Progress::finish`] clears it.
+struct Progress(Option<(indicatif::ProgressBar, tokio::task::JoinHandle<()>)>);
+
+impl Progress {
+    fn finish(self) {
+        if let Some((bar, ticker)) = self.0 {
+            ticker.abort();
+            bar.finish_and_clear();
+        }
+    }
+}
+
+/// If `show`, a progress line on stderr (elapsed/duration, operations, ops/s, errors)
+/// refreshed every 200 ms until finished.
 fn progress_line(
+    show: bool,
     duration: Duration,
     start: Instant,
     done: Arc<std::sync::atomic::AtomicU64>,
     errors: Arc<std::sync::atomic::AtomicU64>,
-) -> (indicatif::ProgressBar, tokio::task::JoinHandle<()>) {
+) -> Progress {
     use std::sync::atomic::Ordering;
+    if !show {
+        return Progress(None);
+    }
     let pb = indicatif::ProgressBar::new(duration.as_millis() as u64);
     pb.set_style(
         indicatif::ProgressStyle::with_template("{bar:40} {elapsed}/{duration} {msg}")
@@ -432,7 +438,7 @@ fn progress_line(
             ));
         }
     });
-    (pb, h)
+    Progress(Some((pb, h)))
 }
 
 /// Drive `consensus` puts against a running cluster the way `etcdctl check perf` drives etcd:
@@ -468,12 +474,7 @@ pub async fn raft(clients: Vec<dsys_runtime::Client>, b: RaftBench) -> anyhow::R
     };
     let start = Instant::now();
     let end = start + b.duration;
-    let (bar, ticker) = if b.progress {
-        let (pb, h) = progress_line(b.duration, start, done.clone(), errors.clone());
-        (Some(pb), Some(h))
-    } else {
-        (None, None)
-    };
+    let progress = progress_line(b.progress, b.duration, start, done.clone(), errors.clone());
     let mut workers = Vec::new();
     for w in 0..b.concurrency {
         let (clients, done, errors, b, filler, next_slot) = (
@@ -543,12 +544,7 @@ pub async fn raft(clients: Vec<dsys_runtime::Client>, b: RaftBench) -> anyhow::R
         lat.extend(w.await?);
     }
     let wall = start.elapsed();
-    if let Some(t) = ticker {
-        t.abort();
-    }
-    if let Some(bar) = bar {
-        bar.finish_and_clear();
-    }
+    progress.finish();
     // Clean up like check perf (one delete of the prefix).
     let cleanup = clients[0]
         .call::<ConsensusApi>(&ConsensusRequest::Delete {

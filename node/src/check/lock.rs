@@ -239,6 +239,33 @@ impl Holder {
     }
 
     /// After an error: move on to the next node when this one seems down or cut off.
+    /// Record an answer `f` did not expect (as info) or its error (classified, then maybe
+    /// move to another node).
+    async fn record_other<T: std::fmt::Debug>(
+        &mut self,
+        f: &str,
+        value: Value,
+        r: Result<T, ClientError>,
+    ) -> Result<(), String> {
+        match r {
+            Ok(other) => {
+                self.event(
+                    f,
+                    EventType::Info,
+                    value,
+                    Some(format!("unexpected answer {other:?}")),
+                )
+                .await?;
+            }
+            Err(e) => {
+                let kind = super::classify(&e, true);
+                self.event(f, kind, value, Some(e.to_string())).await?;
+                self.after_error(&e);
+            }
+        }
+        Ok(())
+    }
+
     fn after_error(&mut self, e: &ClientError) {
         if matches!(
             e,
@@ -483,25 +510,9 @@ impl Holder {
                 )
                 .await?;
             }
-            Ok(other) => {
-                self.event(
-                    "release",
-                    EventType::Info,
-                    json!({"lock": lock, "token": token}),
-                    Some(format!("unexpected answer {other:?}")),
-                )
-                .await?;
-            }
-            Err(e) => {
-                let kind = super::classify(&e, true);
-                self.event(
-                    "release",
-                    kind,
-                    json!({"lock": lock, "token": token}),
-                    Some(e.to_string()),
-                )
-                .await?;
-                self.after_error(&e);
+            other => {
+                self.record_other("release", json!({"lock": lock, "token": token}), other)
+                    .await?;
             }
         }
         Ok(if stopped { Held::Stop } else { Held::Done })
@@ -564,25 +575,9 @@ impl Holder {
                 )
                 .await?;
             }
-            Ok(other) => {
-                self.event(
-                    "write",
-                    EventType::Info,
-                    json!({"lock": lock, "token": token}),
-                    Some(format!("unexpected answer {other:?}")),
-                )
-                .await?;
-            }
-            Err(e) => {
-                let kind = super::classify(&e, true);
-                self.event(
-                    "write",
-                    kind,
-                    json!({"lock": lock, "token": token}),
-                    Some(e.to_string()),
-                )
-                .await?;
-                self.after_error(&e);
+            other => {
+                self.record_other("write", json!({"lock": lock, "token": token}), other)
+                    .await?;
             }
         }
         Ok(())
