@@ -74,9 +74,6 @@ pub const REGISTRY: &[WorkloadEntry] = &[
     },
 ];
 
-/// Workloads the issue asks for whose plugins do not exist yet.
-pub const MISSING: &[(&str, &str)] = &[];
-
 /// The checker's answer.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Verdict {
@@ -216,13 +213,8 @@ impl CheckOptions {
     /// Refuse nonsense before anything starts.
     pub fn validate(&self) -> Result<(), String> {
         if !REGISTRY.iter().any(|w| w.name == self.workload) {
-            let missing = MISSING
-                .iter()
-                .find(|(n, _)| *n == self.workload)
-                .map(|(n, why)| format!(" (`{n}` {why})"))
-                .unwrap_or_default();
             return Err(format!(
-                "unknown workload `{}`{missing}; available: {}",
+                "unknown workload `{}`; available: {}",
                 self.workload,
                 REGISTRY
                     .iter()

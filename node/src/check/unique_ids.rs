@@ -323,25 +323,21 @@ mod tests {
     fn a_decreasing_id_on_one_node_is_invalid() {
         // Process 1 asks n1 after process 0's answer from n1 came back, and gets a smaller id
         // (as a node restarted with a clock behind its previous run would).
-        let h = HistoryBuilder::new()
-            .invoke(0, "next", json!({"n": 1}))
-            .ok(0, "next", json!([id(100, 4, 0)]))
-            .invoke(1, "next", json!({"n": 1}))
-            .ok(1, "next", json!([id(99, 6, 0)]))
-            .build();
-        let h = on(h, &[(0, "n1"), (1, "n1"), (2, "n1"), (3, "n1")]);
+        let answers = || {
+            HistoryBuilder::new()
+                .invoke(0, "next", json!({"n": 1}))
+                .ok(0, "next", json!([id(100, 4, 0)]))
+                .invoke(1, "next", json!({"n": 1}))
+                .ok(1, "next", json!([id(99, 6, 0)]))
+                .build()
+        };
+        let h = on(answers(), &[(0, "n1"), (1, "n1"), (2, "n1"), (3, "n1")]);
         let v = check(&h);
         assert_eq!(v.valid, Some(false), "{v:?}");
         assert_eq!(v.details["decreasing"], json!(1));
         assert_eq!(v.violations[0]["earlier_max"], json!(id(100, 4, 0)));
         // The same two answers from different nodes are fine.
-        let h = HistoryBuilder::new()
-            .invoke(0, "next", json!({"n": 1}))
-            .ok(0, "next", json!([id(100, 4, 0)]))
-            .invoke(1, "next", json!({"n": 1}))
-            .ok(1, "next", json!([id(99, 6, 0)]))
-            .build();
-        let h = on(h, &[(0, "n1"), (1, "n1"), (2, "n2"), (3, "n2")]);
+        let h = on(answers(), &[(0, "n1"), (1, "n1"), (2, "n2"), (3, "n2")]);
         assert_eq!(check(&h).valid, Some(true));
     }
 

@@ -3,7 +3,7 @@
 use dsys_runtime::Render;
 use serde::{Deserialize, Serialize};
 
-use crate::layout::Op;
+use crate::layout::{Entry, Op};
 
 dsys_runtime::plugin_api!(ConfigApi, "config", ConfigRequest, ConfigResponse);
 
@@ -117,18 +117,8 @@ pub struct Change {
     pub revision: u64,
     /// Key.
     pub key: String,
-    /// Put or delete.
-    pub op: Op,
-    /// Value after (`None` after a delete).
-    pub value: Option<String>,
-    /// Value before (`None` if the key did not exist).
-    pub prev: Option<String>,
-    /// Wall-clock time of the write, ms since the Unix epoch (the writing node's clock).
-    pub time_ms: u64,
-    /// Node that made the write, and the caller kind.
-    pub by: String,
-    /// For a rollback: the revision restored.
-    pub rollback_of: Option<u64>,
+    /// What was written, by whom and when (the stored history entry).
+    pub entry: Entry,
 }
 
 /// A declared type.
@@ -217,19 +207,20 @@ fn opt(v: &Option<String>) -> &str {
 
 /// One change as a line: `[rev 12] 2026-01-01T00:00:00Z PUT key: old -> new (by n1/admin)`.
 pub fn change_line(c: &Change) -> String {
-    let what = match c.op {
-        Op::Put => format!("PUT {}: {} -> {}", c.key, opt(&c.prev), opt(&c.value)),
-        Op::Delete => format!("DEL {}: {} -> (deleted)", c.key, opt(&c.prev)),
+    let e = &c.entry;
+    let what = match e.op {
+        Op::Put => format!("PUT {}: {} -> {}", c.key, opt(&e.prev), opt(&e.value)),
+        Op::Delete => format!("DEL {}: {} -> (deleted)", c.key, opt(&e.prev)),
     };
-    let rb = c
+    let rb = e
         .rollback_of
         .map(|r| format!(", rollback to rev {r}"))
         .unwrap_or_default();
     format!(
         "[rev {}] {} {what}  (by {}{rb})",
         c.revision,
-        time_text(c.time_ms),
-        c.by
+        time_text(e.time_ms),
+        e.by
     )
 }
 

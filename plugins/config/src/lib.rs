@@ -302,7 +302,7 @@ async fn follow(store: Store, view: Arc<Mutex<View>>, wait_ms: u64) {
                             v.recent.truncate(RECENT);
                         }
                     });
-                    if changes.iter().any(|c| c.prev.is_none()) {
+                    if changes.iter().any(|c| c.entry.prev.is_none()) {
                         // Possibly a new key: count again (cheap: counters are tiny).
                         if let Ok((n, more, _)) = store.count_keys_written().await {
                             set(&|v| {
@@ -422,11 +422,11 @@ impl Plugin for ConfigPlugin {
                         };
                         vec![
                             c.revision.to_string(),
-                            time_text(c.time_ms),
+                            time_text(c.entry.time_ms),
                             c.key.clone(),
-                            short(&c.prev),
-                            short(&c.value),
-                            c.by.clone(),
+                            short(&c.entry.prev),
+                            short(&c.entry.value),
+                            c.entry.by.clone(),
                         ]
                     }),
                 ),

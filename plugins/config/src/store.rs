@@ -67,12 +67,7 @@ pub(crate) fn change_of(kv: &KeyValue) -> Option<Change> {
     Some(Change {
         revision: kv.create_revision,
         key: key.to_string(),
-        op: e.op,
-        value: e.value,
-        prev: e.prev,
-        time_ms: e.time_ms,
-        by: e.by,
-        rollback_of: e.rollback_of,
+        entry: e,
     })
 }
 
@@ -270,7 +265,7 @@ impl Store {
         let (changes, complete) = self.history(key).await?;
         let first = changes.first().map(|c| c.revision);
         match changes.iter().rev().find(|c| c.revision <= at) {
-            Some(c) => Ok(c.value.clone()),
+            Some(c) => Ok(c.entry.value.clone()),
             None if complete => Ok(None),
             None => Err(RpcError::refused(format!(
                 "the history of `{key}` kept here starts at revision {}; {at} is older",

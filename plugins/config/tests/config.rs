@@ -353,7 +353,13 @@ async fn history_rollback_and_compare_and_set() {
     let h = c.history("n2", "app/db/url").await;
     let got: Vec<(u64, Option<&str>, Option<&str>)> = h
         .iter()
-        .map(|c| (c.revision, c.prev.as_deref(), c.value.as_deref()))
+        .map(|c| {
+            (
+                c.revision,
+                c.entry.prev.as_deref(),
+                c.entry.value.as_deref(),
+            )
+        })
         .collect();
     assert_eq!(
         got,
@@ -363,7 +369,10 @@ async fn history_rollback_and_compare_and_set() {
             (r3, Some("postgres://b"), Some("postgres://c")),
         ]
     );
-    assert!(h.iter().all(|c| c.time_ms > 1_600_000_000_000), "{h:?}");
+    assert!(
+        h.iter().all(|c| c.entry.time_ms > 1_600_000_000_000),
+        "{h:?}"
+    );
     assert_eq!(
         c.get("n3", "app/db/url", Some(r1)).await.as_deref(),
         Some("postgres://a")
@@ -399,7 +408,7 @@ async fn history_rollback_and_compare_and_set() {
     );
     let h = c.history("n1", "app/db/url").await;
     assert_eq!(h.len(), 4);
-    assert_eq!(h[3].rollback_of, Some(r1));
+    assert_eq!(h[3].entry.rollback_of, Some(r1));
     assert_eq!(h[3].revision, r4);
     // Rolling back to before the key existed is refused, and changes nothing.
     let r = c
@@ -466,7 +475,7 @@ async fn history_rollback_and_compare_and_set() {
     let revs: Vec<u64> = h.iter().map(|c| c.revision).collect();
     assert_eq!(revs, acked);
     for w in h.windows(2) {
-        assert_eq!(w[1].prev, w[0].value, "{w:?}");
+        assert_eq!(w[1].entry.prev, w[0].entry.value, "{w:?}");
     }
     c.shutdown().await;
 }
@@ -638,7 +647,7 @@ async fn reader_reads_and_watches_but_every_write_is_refused() {
         .expect("watch");
     assert!(
         matches!(&watched, ConfigResponse::Changes { changes, .. }
-            if changes.len() == 1 && changes[0].value.as_deref() == Some("blue")),
+            if changes.len() == 1 && changes[0].entry.value.as_deref() == Some("blue")),
         "{watched:?}"
     );
     let writes = [
@@ -747,14 +756,14 @@ async fn watch_from_a_revision_sees_every_change_in_order() {
     }
     let got: Vec<(u64, String, Option<String>)> = seen
         .iter()
-        .map(|c| (c.revision, c.key.clone(), c.value.clone()))
+        .map(|c| (c.revision, c.key.clone(), c.entry.value.clone()))
         .collect();
     assert_eq!(got, written);
     // Old -> new: each change's old value is the previous new value of its key.
     let mut last: BTreeMap<String, Option<String>> = BTreeMap::new();
     for ch in &seen {
-        assert_eq!(&ch.prev, last.get(&ch.key).unwrap_or(&None), "{ch:?}");
-        last.insert(ch.key.clone(), ch.value.clone());
+        assert_eq!(&ch.entry.prev, last.get(&ch.key).unwrap_or(&None), "{ch:?}");
+        last.insert(ch.key.clone(), ch.entry.value.clone());
     }
     c.shutdown().await;
 }
