@@ -1172,6 +1172,12 @@ impl Plugin for ConsensusPlugin {
         ] {
             ctx.metrics.describe(name, "gauge", help);
         }
+        ctx.metrics.describe(
+            network::REPLICATED,
+            "counter",
+            "Log entries a leader replicated: how=sent carried them, how=by_reference found \
+             them already on the follower (see the consensus README)",
+        );
         let me = ctx.node_id.clone();
         let my_id = raft_id(&me);
         let (log, recovery) = LogStore::open(ctx.data_dir.join("log")).await?;
@@ -1198,6 +1204,7 @@ impl Plugin for ConsensusPlugin {
             Arc::new(rcfg),
             Network {
                 rpc: ctx.rpc.clone(),
+                metrics: ctx.metrics.clone(),
             },
             log.clone(),
             sm.clone(),

@@ -3,10 +3,12 @@
 //! transport's fault injection applies). A node's Raft id maps to its name through the
 //! membership's `BasicNode { addr: name }`.
 
-use dsys_runtime::{Rpc, RpcError};
+use dsys_runtime::{Metrics, Rpc, RpcError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
 use openraft::error::{
-    InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError,
-    Unreachable,
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
 };
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
@@ -20,24 +22,32 @@ use crate::state::{Command, TxnOp};
 use crate::types::{Entry, TypeConfig};
 
 /// Most estimated bytes of entries in one AppendEntries (the first entry always goes, up to
-/// the transport's frame cap). openraft 0.9 gives an AppendEntries the heartbeat interval
-/// (100 ms) to be sent, written and fsynced by the follower; 8 MiB payloads missed it on a
-/// loaded machine, were sent again in full, and the follower never caught up (replication
-/// livelock, then elections). 256 KiB keeps one round well inside the deadline.
+/// the transport's frame cap); a longer range is sent in parts (`PartialSuccess`). openraft 0.9
+/// gives an AppendEntries the heartbeat interval (100 ms) to be sent, written and fsynced by the
+/// follower; 8 MiB payloads missed it on a loaded machine, were sent again in full, and the
+/// follower never caught up (replication livelock, then elections). 256 KiB keeps one round
+/// well inside the deadline.
 pub(crate) const MAX_APPEND_BYTES: usize = 256 << 10;
+
+/// Counter of the entries a leader replicated, by how (`sent` / `by_reference`).
+pub(crate) const REPLICATED: &str = "dsys_raft_replicated_entries_total";
 
 /// Builds connections.
 #[derive(Debug, Clone)]
 pub(crate) struct Network {
     pub(crate) rpc: Rpc,
+    pub(crate) metrics: Arc<Metrics>,
 }
 
-/// A "connection" to one peer: its name, and the RPC handle.
+/// A "connection" to one peer (one per replication stream): its name, the RPC handle, and
+/// whether entries are still offered by reference (see [`Conn::append_entries`]).
 #[derive(Debug)]
 pub(crate) struct Conn {
     rpc: Rpc,
+    metrics: Arc<Metrics>,
     target: u64,
     name: String,
+    by_reference: bool,
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
@@ -46,8 +56,10 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     async fn new_client(&mut self, target: u64, node: &BasicNode) -> Conn {
         Conn {
             rpc: self.rpc.clone(),
+            metrics: self.metrics.clone(),
             target,
             name: node.addr.clone(),
+            by_reference: true,
         }
     }
 }
@@ -107,28 +119,18 @@ pub(crate) fn approx_size(e: &Entry) -> usize {
     }
 }
 
-impl RaftNetwork<TypeConfig> for Conn {
-    async fn append_entries(
-        &mut self,
+impl Conn {
+    async fn send_append(
+        &self,
         rpc: AppendEntriesRequest<TypeConfig>,
-        option: RPCOption,
+        ttl: Duration,
     ) -> Result<AppendEntriesResponse<u64>, RpcErr> {
-        // Too big for one frame: tell openraft how many entries fit, and it splits.
-        let mut total = 0;
-        for (i, e) in rpc.entries.iter().enumerate() {
-            total += approx_size(e);
-            if total > MAX_APPEND_BYTES && i > 0 {
-                return Err(RPCError::PayloadTooLarge(
-                    PayloadTooLarge::new_entries_hint(i as u64),
-                ));
-            }
-        }
         let r = self
             .rpc
             .call_with_timeout::<ConsensusApi>(
                 &self.name,
                 &ConsensusRequest::AppendEntries(rpc),
-                option.hard_ttl(),
+                ttl,
             )
             .await
             .map_err(net_err)?;
@@ -140,6 +142,94 @@ impl RaftNetwork<TypeConfig> for Conn {
             other => Err(RPCError::Network(NetworkError::new(&RpcError::Malformed(
                 format!("unexpected answer to append_entries: {other:?}"),
             )))),
+        }
+    }
+}
+
+impl RaftNetwork<TypeConfig> for Conn {
+    /// A new leader finds where a follower's log matches its own by a binary search whose
+    /// every probe carries up to `max_payload_entries` entries, in parts of
+    /// [`MAX_APPEND_BYTES`]: after a write-heavy run, thousands of 256 KiB batches crossed
+    /// the network, all of which the follower already had, and the first commit of the new
+    /// term (the failover) waited seconds for them. So entries of earlier terms are first
+    /// offered by reference: an AppendEntries whose `prev_log_id` is the last of them and that
+    /// carries none. A follower that holds that log id holds every entry before it, identical
+    /// to the leader's (Raft's log matching property); then only the entries of this term
+    /// are sent. A follower that declines gets them all, and this stream offers no more
+    /// (it is catching up). Entries of the leader's own term, the steady state, are never
+    /// offered: a follower can only have them from this stream.
+    async fn append_entries(
+        &mut self,
+        mut rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<u64>, RpcErr> {
+        let deadline = Instant::now() + option.hard_ttl();
+        let term = rpc.vote.leader_id().term;
+        let old = rpc
+            .entries
+            .iter()
+            .take_while(|e| e.log_id.leader_id.term < term)
+            .count();
+        let mut offered = false;
+        if self.by_reference && old > 0 {
+            let have = rpc.entries[old - 1].log_id;
+            let offer = AppendEntriesRequest {
+                vote: rpc.vote,
+                prev_log_id: Some(have),
+                leader_commit: rpc.leader_commit,
+                entries: Vec::new(),
+            };
+            let r = self.send_append(offer, option.hard_ttl()).await?;
+            tracing::debug!(to = %self.name, entries = old, answer = ?r, "entries offered by reference");
+            match r {
+                AppendEntriesResponse::Success => {
+                    self.metrics
+                        .add(REPLICATED, &[("how", "by_reference")], old as u64);
+                    if old == rpc.entries.len() {
+                        return Ok(AppendEntriesResponse::Success);
+                    }
+                    rpc.entries.drain(..old);
+                    rpc.prev_log_id = Some(have);
+                    offered = true;
+                }
+                r @ AppendEntriesResponse::HigherVote(_) => return Ok(r),
+                AppendEntriesResponse::Conflict | AppendEntriesResponse::PartialSuccess(_) => {
+                    self.by_reference = false
+                }
+            }
+        }
+        // Too big for one frame: send the entries that fit and answer `PartialSuccess`, and
+        // openraft sends the rest next.
+        let mut total = 0;
+        let fits = rpc
+            .entries
+            .iter()
+            .enumerate()
+            .position(|(i, e)| {
+                total += approx_size(e);
+                total > MAX_APPEND_BYTES && i > 0
+            })
+            .unwrap_or(rpc.entries.len());
+        let partial = fits < rpc.entries.len();
+        rpc.entries.truncate(fits);
+        let last = rpc.entries.last().map(|e| e.log_id);
+        let ttl = deadline.saturating_duration_since(Instant::now());
+        let r = self.send_append(rpc, ttl).await?;
+        self.metrics
+            .add(REPLICATED, &[("how", "sent")], fits as u64);
+        match r {
+            AppendEntriesResponse::Success if partial => {
+                Ok(AppendEntriesResponse::PartialSuccess(last))
+            }
+            // The follower had just confirmed the offered entry: a conflict right after it
+            // would be a conflict at a later point than the request's own `prev_log_id`,
+            // which openraft must not take as one. Let it retry.
+            AppendEntriesResponse::Conflict if offered => {
+                Err(RPCError::Network(NetworkError::new(&RpcError::Malformed(
+                    "follower lost an entry it had just confirmed".into(),
+                ))))
+            }
+            r => Ok(r),
         }
     }
 

@@ -146,6 +146,22 @@ impl Cluster {
             .await
     }
 
+    /// A counter or gauge from `id`'s `/metrics` (0 when absent).
+    async fn metric(&self, id: &str, series: &str) -> u64 {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(self.nodes[id].http_addr())
+            .await
+            .expect("connect to /metrics");
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .expect("request /metrics");
+        let mut body = String::new();
+        s.read_to_string(&mut body).await.expect("read /metrics");
+        body.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
     async fn status(&self, id: &str) -> Option<RaftStatus> {
         match self.call(id, ConsensusRequest::Status).await {
             Ok(ConsensusResponse::Status(s)) => Some(s),
@@ -549,6 +565,20 @@ async fn leader_kill_loses_nothing_and_restart_recovers_from_the_wal() {
         })
         .await;
     }
+    // The new leader found the old entries already on the surviving follower instead of
+    // sending them again: only this term's (a blank entry and the ten writes) reached the
+    // wire. Each write is an entry; the first probe of the leader's search for the matching
+    // point carries the newer half of the 30 old ones, which made 27 or more.
+    let sent = r#"dsys_raft_replicated_entries_total{how="sent"}"#;
+    let by_ref = r#"dsys_raft_replicated_entries_total{how="by_reference"}"#;
+    let (sent, by_ref) = (
+        c.metric(&new_leader, sent).await,
+        c.metric(&new_leader, by_ref).await,
+    );
+    assert!(
+        by_ref > 0 && sent < 20,
+        "new leader replicated {sent} entries by sending them and {by_ref} by reference"
+    );
     // The killed node comes back: its log is replayed from its WAL, then it catches up.
     c.start(&leader).await;
     let st = c.status(&leader).await.expect("status");
