@@ -586,7 +586,7 @@ impl Inner {
         }
         let (cmds, txs): (Vec<Command>, Vec<_>) = batch.into_iter().unzip();
         let n = txs.len();
-        match self.write(Command::Batch(cmds)).await {
+        match self.write(Command::Batch(Arc::new(cmds))).await {
             Ok(CmdResult::Batch(rs)) if rs.len() == n => {
                 for (r, tx) in rs.into_iter().zip(txs) {
                     let _ = tx.send(match r {

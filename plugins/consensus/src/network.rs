@@ -179,8 +179,9 @@ impl RaftNetwork<TypeConfig> for Conn {
                 leader_commit: rpc.leader_commit,
                 entries: Vec::new(),
             };
+            let t0 = Instant::now();
             let r = self.send_append(offer, option.hard_ttl()).await?;
-            tracing::debug!(to = %self.name, entries = old, answer = ?r, "entries offered by reference");
+            tracing::debug!(to = %self.name, entries = old, answer = ?r, elapsed = ?t0.elapsed(), "entries offered by reference");
             match r {
                 AppendEntriesResponse::Success => {
                     self.metrics
@@ -214,7 +215,10 @@ impl RaftNetwork<TypeConfig> for Conn {
         rpc.entries.truncate(fits);
         let last = rpc.entries.last().map(|e| e.log_id);
         let ttl = deadline.saturating_duration_since(Instant::now());
-        let r = self.send_append(rpc, ttl).await?;
+        let t0 = Instant::now();
+        let r = self.send_append(rpc, ttl).await;
+        tracing::trace!(to = %self.name, entries = fits, ok = r.is_ok(), elapsed = ?t0.elapsed(), "append_entries sent");
+        let r = r?;
         self.metrics
             .add(REPLICATED, &[("how", "sent")], fits as u64);
         match r {

@@ -96,4 +96,26 @@ mod tests {
             from_bytes(&to_bytes(&err).expect("enc")).expect("dec");
         assert_eq!(back.to_string(), err.to_string());
     }
+
+    /// A shared batch is encoded as the plain list it was before it was shared, so logs
+    /// written before still replay: the bytes after the variant tag are the list's own.
+    #[test]
+    fn a_batch_encodes_as_a_plain_list() {
+        let cmds = vec![
+            Command::Put {
+                key: "a".into(),
+                value: "1".into(),
+                lease: None,
+            },
+            Command::Delete {
+                key: "b".into(),
+                prefix: false,
+            },
+        ];
+        let batch = to_bytes(&Command::Batch(std::sync::Arc::new(cmds.clone()))).expect("enc");
+        let list = to_bytes(&cmds).expect("enc");
+        assert!(batch.len() > list.len() && batch.ends_with(&list));
+        let back: Command = from_bytes(&batch).expect("dec");
+        assert_eq!(back, Command::Batch(std::sync::Arc::new(cmds)));
+    }
 }

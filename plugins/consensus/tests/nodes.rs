@@ -158,7 +158,13 @@ impl Cluster {
         let mut body = String::new();
         s.read_to_string(&mut body).await.expect("read /metrics");
         body.lines()
-            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+            .find_map(|l| {
+                l.strip_prefix(series)?
+                    .strip_prefix(' ')?
+                    .trim()
+                    .parse()
+                    .ok()
+            })
             .unwrap_or(0)
     }
 
