@@ -79,6 +79,8 @@ pub struct CacheConfig {
     pub replicate: bool,
     /// Batches of forwarded commands in flight to one owner node at once; commands that
     /// arrive meanwhile (from any connection) wait and go together in the next batch.
+    /// Default 1: against 2, redis-benchmark through 3 nodes did 3-11% more SET/s and
+    /// 1-22% more GET/s in four interleaved pairs (bigger batches, fewer RPCs).
     pub forward_inflight: usize,
     /// Key prefixes whose misses on GET are loaded from the `kv` plugin (read-through).
     pub read_through: Vec<String>,
@@ -103,7 +105,7 @@ impl Default for CacheConfig {
             max_request_bytes: 2 * DEFAULT_MAX_BULK,
             max_pipeline: 1024,
             replicate: true,
-            forward_inflight: 2,
+            forward_inflight: 1,
             read_through: Vec::new(),
             read_through_ttl_ms: None,
             write_through: Vec::new(),
