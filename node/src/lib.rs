@@ -2,6 +2,39 @@
 //! plugin; tests use [`plugins`] to start in-process nodes identical to the real ones.
 #![warn(missing_docs, unreachable_pub)]
 
+/// `print!` for the CLI's output: when stdout is a pipe whose reader has gone (`dsys ... |
+/// head`), the process ends quietly with 141 (as if killed by SIGPIPE, like other Unix
+/// tools) instead of panicking in `print!`.
+#[macro_export]
+macro_rules! out {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = write!(std::io::stdout().lock(), $($t)*) {
+            $crate::stdout_failed(e)
+        }
+    }};
+}
+
+/// `println!` for the CLI's output; see [`out!`].
+#[macro_export]
+macro_rules! outln {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout().lock(), $($t)*) {
+            $crate::stdout_failed(e)
+        }
+    }};
+}
+
+/// Where [`out!`] goes when stdout cannot be written.
+pub fn stdout_failed(e: std::io::Error) -> ! {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        std::process::exit(141)
+    }
+    eprintln!("error: writing to stdout: {e}");
+    std::process::exit(1)
+}
+
 pub mod bench;
 pub mod check;
 

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use dsys_node::{out, outln};
 
 /// The process allocator (see node/Cargo.toml for why).
 #[global_allocator]
@@ -363,7 +364,7 @@ async fn run(cli: Cli) -> Result<u8, Fail> {
             let cfg = load_config(&cli.config)?;
             let dir = cli.certs.clone().unwrap_or(cfg.cluster.certs_dir.clone());
             if dir.join("ca.pem").exists() && !force {
-                println!(
+                outln!(
                     "certificates already in {} (use --force to replace them)",
                     dir.display()
                 );
@@ -371,7 +372,7 @@ async fn run(cli: Cli) -> Result<u8, Fail> {
             }
             let ids: Vec<String> = cfg.nodes.keys().cloned().collect();
             dsys_runtime::init_cluster_certs(&dir, &ids).map_err(|e| usage(e.to_string()))?;
-            println!(
+            outln!(
                 "created a cluster CA and certificates for {} and the CLI in {}",
                 ids.join(", "),
                 dir.display()
@@ -387,7 +388,7 @@ async fn run(cli: Cli) -> Result<u8, Fail> {
             if cli.json {
                 print_json(&st);
             } else {
-                print!("{}", status_table(&st));
+                out!("{}", status_table(&st));
             }
             Ok(0)
         }
@@ -420,7 +421,7 @@ async fn run(cli: Cli) -> Result<u8, Fail> {
             if cli.json {
                 print_json(&figs);
             } else {
-                print!("{}", dsys_plugin_idgen::bench::table(&figs, &opts));
+                out!("{}", dsys_plugin_idgen::bench::table(&figs, &opts));
             }
             Ok(0)
         }
@@ -438,7 +439,7 @@ async fn run(cli: Cli) -> Result<u8, Fail> {
             if cli.json {
                 print_json(&figs);
             } else {
-                print!("{}", dsys_plugin_wal::bench::table(&figs));
+                out!("{}", dsys_plugin_wal::bench::table(&figs));
             }
             Ok(0)
         }
@@ -467,7 +468,7 @@ async fn run(cli: Cli) -> Result<u8, Fail> {
                 );
             } else {
                 print_figures(std::slice::from_ref(&f));
-                println!("allowed {allowed}, limited {limited}");
+                outln!("allowed {allowed}, limited {limited}");
             }
             Ok(0)
         }
@@ -505,7 +506,7 @@ async fn run(cli: Cli) -> Result<u8, Fail> {
                 print_json(&serde_json::json!({ "reads": reads, "writes": writes }));
             } else {
                 print_figures(&[reads.clone(), writes.clone()]);
-                println!("total {:.0} ops/s", reads.rps + writes.rps);
+                outln!("total {:.0} ops/s", reads.rps + writes.rps);
             }
             Ok(0)
         }
@@ -551,7 +552,7 @@ async fn run(cli: Cli) -> Result<u8, Fail> {
                 print_json(&r);
             } else {
                 print_figures(std::slice::from_ref(&r.writes));
-                println!(
+                outln!(
                     "{:.0} writes/s, slowest {:.3} s, stddev {:.3} s{}",
                     r.writes.rps,
                     r.slowest_s,
@@ -575,19 +576,29 @@ async fn run(cli: Cli) -> Result<u8, Fail> {
             if cli.json {
                 print_json(&figs);
             } else {
-                println!(
+                outln!(
                     "{:<28} {:>5} {:>10} {:>12} {:>10} {:>10}",
-                    "what", "conc", "requests", "req/s", "p50 µs", "p99 µs"
+                    "what",
+                    "conc",
+                    "requests",
+                    "req/s",
+                    "p50 µs",
+                    "p99 µs"
                 );
                 for f in &figs {
-                    println!(
+                    outln!(
                         "{:<28} {:>5} {:>10} {:>12.0} {:>10.1} {:>10.1}",
-                        f.name, f.concurrency, f.requests, f.rps, f.p50_us, f.p99_us
+                        f.name,
+                        f.concurrency,
+                        f.requests,
+                        f.rps,
+                        f.p50_us,
+                        f.p99_us
                     );
                 }
                 for pair in figs.chunks(2) {
                     if let [r, t] = pair {
-                        println!(
+                        outln!(
                             "concurrency {:>2}: rpc p50 / tcp p50 = {:.2}x, rpc req/s / tcp req/s = {:.2}",
                             r.concurrency,
                             r.p50_us / t.p50_us,
@@ -652,21 +663,33 @@ fn parse_ratio(s: &str) -> Result<u32, Fail> {
 }
 
 fn print_figures(figs: &[dsys_node::bench::Figures]) {
-    println!(
+    outln!(
         "{:<28} {:>5} {:>10} {:>12} {:>10} {:>10} {:>7}",
-        "what", "conc", "requests", "req/s", "p50 µs", "p99 µs", "errors"
+        "what",
+        "conc",
+        "requests",
+        "req/s",
+        "p50 µs",
+        "p99 µs",
+        "errors"
     );
     for f in figs {
-        println!(
+        outln!(
             "{:<28} {:>5} {:>10} {:>12.0} {:>10.1} {:>10.1} {:>7}",
-            f.name, f.concurrency, f.requests, f.rps, f.p50_us, f.p99_us, f.errors
+            f.name,
+            f.concurrency,
+            f.requests,
+            f.rps,
+            f.p50_us,
+            f.p99_us,
+            f.errors
         );
     }
 }
 
 fn print_json<T: serde::Serialize>(v: &T) {
     match serde_json::to_string_pretty(v) {
-        Ok(s) => println!("{s}"),
+        Ok(s) => outln!("{s}"),
         Err(e) => eprintln!("error: json: {e}"),
     }
 }
@@ -691,7 +714,7 @@ where
     if cli.json {
         print_json(&resp);
     } else {
-        println!("{}", resp.human().trim_end());
+        outln!("{}", resp.human().trim_end());
     }
     Ok(resp.exit_code() as u8)
 }
@@ -715,7 +738,7 @@ async fn lock_cmd(cli: &Cli, c: &LockCommand) -> Result<u8, Fail> {
 /// `dsys id ...`; `decode` works offline.
 async fn id_cmd(cli: &Cli, c: &IdCommand) -> Result<u8, Fail> {
     if let Some(out) = c.offline(cli.json) {
-        println!("{}", out.map_err(usage)?);
+        outln!("{}", out.map_err(usage)?);
         return Ok(0);
     }
     let resp = client(cli)?
@@ -724,7 +747,7 @@ async fn id_cmd(cli: &Cli, c: &IdCommand) -> Result<u8, Fail> {
     if cli.json {
         print_json(&dsys_plugin_idgen::response_json(&resp));
     } else {
-        println!("{}", resp.human().trim_end());
+        outln!("{}", resp.human().trim_end());
     }
     Ok(0)
 }
@@ -737,9 +760,9 @@ async fn config_cmd(cli: &Cli, c: &ConfigCommand) -> Result<u8, Fail> {
         let json = cli.json;
         let fut = dsys_plugin_config::watch(&client, &prefix, from, long_poll_ms(cli), |ch| {
             if json {
-                println!("{}", serde_json::to_string(ch).unwrap_or_default());
+                outln!("{}", serde_json::to_string(ch).unwrap_or_default());
             } else {
-                println!("{}", dsys_plugin_config::change_line(ch));
+                outln!("{}", dsys_plugin_config::change_line(ch));
             }
         });
         return tokio::select! {
@@ -758,9 +781,9 @@ async fn election_cmd(cli: &Cli, c: &ElectionCommand) -> Result<u8, Fail> {
         let json = cli.json;
         let fut = dsys_plugin_election::observe(&client, name, wait_ms, |l| {
             if json {
-                println!("{}", serde_json::to_string(l).unwrap_or_default());
+                outln!("{}", serde_json::to_string(l).unwrap_or_default());
             } else {
-                println!("{}", dsys_plugin_election::leader_line(name, l));
+                outln!("{}", dsys_plugin_election::leader_line(name, l));
             }
         });
         return tokio::select! {
@@ -805,9 +828,9 @@ async fn raft_watch(cli: &Cli, key: String, prefix: bool, mut from: u64) -> Resu
         };
         for e in &events {
             if cli.json {
-                println!("{}", serde_json::to_string(e).unwrap_or_default());
+                outln!("{}", serde_json::to_string(e).unwrap_or_default());
             } else {
-                println!("{}", dsys_plugin_consensus::event_line(e));
+                outln!("{}", dsys_plugin_consensus::event_line(e));
             }
         }
         from = next_revision;
@@ -947,9 +970,9 @@ async fn chaos(cli: &Cli, c: &ChaosCmd) -> Result<u8, Fail> {
         print_json(&report);
     } else {
         for r in &report {
-            println!("{r}");
+            outln!("{r}");
         }
-        println!("applied on {ok} of {} nodes", client.endpoints().len());
+        outln!("applied on {ok} of {} nodes", client.endpoints().len());
     }
     Ok(if refused > 0 {
         1

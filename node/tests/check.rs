@@ -1,7 +1,7 @@
 //! `dsys check` end to end: usage errors, known-bad histories judged invalid through the CLI,
 //! a short real run with a partition that reports valid and leaves no process behind, a run
-//! interrupted with Ctrl-C (SIGINT) that kills its cluster, and one SIGKILLed whose agents stop
-//! on their own.
+//! interrupted with Ctrl-C (SIGINT) that kills its cluster, one SIGKILLed whose agents stop
+//! on their own, and output into a closed pipe.
 
 use std::net::UdpSocket;
 use std::path::Path;
@@ -72,6 +72,32 @@ fn known_bad_histories_are_invalid_through_the_cli() {
         assert_eq!(out.status.code(), Some(1), "{wl}: {text}");
         assert!(text.contains("INVALID"), "{wl}: {text}");
     }
+}
+
+/// `dsys check ... | head`: a reader that has gone ends the CLI quietly (141, as a SIGPIPE
+/// death would), where `println!` used to panic.
+#[test]
+fn a_closed_stdout_ends_the_cli_quietly() {
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/histories/register-stale-read.json");
+    // The read end is closed before dsys starts, so its first write fails, every time.
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    drop(reader);
+    let out = Command::new(BIN)
+        .args([
+            "check",
+            "register",
+            "--history",
+            path.to_str().expect("utf8"),
+        ])
+        .stdin(Stdio::null())
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .output()
+        .expect("run dsys");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(141), "stderr: {err}");
+    assert!(!err.contains("panicked"), "stderr: {err}");
 }
 
 #[test]

@@ -450,19 +450,19 @@ pub fn check_file(workload: &str, path: &std::path::Path, json: bool) -> anyhow:
         .with_context(|| format!("{} is not a history (events, faults)", path.display()))?;
     let v = (entry.make)().check(&h);
     if json {
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        outln!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         let word = match v.valid {
             Some(true) => "VALID",
             Some(false) => "INVALID",
             None => "UNKNOWN",
         };
-        println!("verdict: {word}: {}", v.summary);
+        outln!("verdict: {word}: {}", v.summary);
         if !v.details.is_null() {
-            println!("details: {}", v.details);
+            outln!("details: {}", v.details);
         }
         for x in v.violations.iter().take(5) {
-            println!("violation: {}", serde_json::to_string_pretty(x)?);
+            outln!("violation: {}", serde_json::to_string_pretty(x)?);
         }
     }
     Ok(match v.valid {
@@ -675,9 +675,9 @@ async fn run_inner(
     std::fs::write(dir.join("report.json"), serde_json::to_vec_pretty(&report)?)
         .context("writing report.json")?;
     if opts.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        outln!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        print!("{}", report.human());
+        out!("{}", report.human());
     }
     Ok(match report.verdict.valid {
         Some(true) => 0,
