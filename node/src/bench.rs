@@ -6,7 +6,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use dsys_runtime::{init_cluster_certs, ClusterConfig, Node, NodeOptions, SysApi, SysRequest};
+use dsys_runtime::{
+    init_cluster_certs, percentile, ClusterConfig, Node, NodeOptions, SysApi, SysRequest,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Latency summary of one run.
@@ -36,13 +38,7 @@ fn summarize(
     errors: u64,
 ) -> Figures {
     lat.sort();
-    let pct = |p: f64| -> f64 {
-        if lat.is_empty() {
-            return f64::NAN;
-        }
-        let i = ((lat.len() as f64 - 1.0) * p).round() as usize;
-        lat[i].as_secs_f64() * 1e6
-    };
+    let pct = |p: f64| percentile(&lat, p).map_or(f64::NAN, |d| d.as_secs_f64() * 1e6);
     Figures {
         name: name.into(),
         concurrency,

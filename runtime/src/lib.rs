@@ -32,7 +32,7 @@ pub use dashboard::{NodeDashboard, Panel, PanelTable, MAX_PANEL_ROWS};
 pub use faults::{FaultCommand, FaultRules, Faults};
 pub use membership::{ClusterEvent, ClusterView, Member, MemberState, MembershipHandle};
 pub use merkle::MerkleTree;
-pub use metrics::{Histogram, Metrics, RateMeter};
+pub use metrics::{percentile, Histogram, Metrics, RateMeter};
 pub use node::{Node, NodeOptions};
 pub use plugin::{
     plugin_factory, Api, LocalClient, Plugin, PluginContext, PluginFactory, PluginHost,

@@ -14,6 +14,14 @@ const BUCKETS: [f64; 16] = [
     5.0, 10.0,
 ];
 
+/// The `p` quantile (0 to 1) of `sorted` (ascending), by nearest rank, as every benchmark
+/// and check report prints its p50/p99; `None` when empty.
+pub fn percentile<T: Copy>(sorted: &[T], p: f64) -> Option<T> {
+    let last = sorted.len().checked_sub(1)?;
+    let i = (last as f64 * p.clamp(0.0, 1.0)).round() as usize;
+    Some(sorted[i.min(last)])
+}
+
 /// A latency histogram with Prometheus' cumulative buckets.
 #[derive(Debug, Default)]
 pub struct Histogram {
@@ -160,6 +168,18 @@ impl Metrics {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn percentile_is_the_nearest_rank() {
+        let v: Vec<u64> = (1..=100).collect();
+        assert_eq!(percentile(&v, 0.5), Some(51));
+        assert_eq!(percentile(&v, 0.99), Some(99));
+        assert_eq!(percentile(&v, 0.0), Some(1));
+        assert_eq!(percentile(&v, 1.0), Some(100));
+        assert_eq!(percentile(&v, 7.0), Some(100));
+        assert_eq!(percentile(&[5u64], 0.99), Some(5));
+        assert_eq!(percentile::<u64>(&[], 0.5), None);
+    }
     use super::*;
 
     #[test]

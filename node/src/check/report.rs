@@ -58,11 +58,7 @@ fn secs(ns: u64, base: u64) -> f64 {
 }
 
 fn pct(sorted: &[u64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)] as f64 / 1e6
+    dsys_runtime::percentile(sorted, p).map_or(0.0, |ns| ns as f64 / 1e6)
 }
 
 impl Report {

@@ -802,7 +802,7 @@ async fn reload_latency() {
     }
     let pct = |v: &mut Vec<Duration>, p: usize| {
         v.sort();
-        v[(v.len() * p / 100).min(v.len() - 1)]
+        dsys_runtime::percentile(v, p as f64 / 100.0).unwrap_or_default()
     };
     println!(
         "config put acked: p50 {:?} p99 {:?}; rule in force on all {} nodes after the put: p50 {:?} p99 {:?} (n = {})",

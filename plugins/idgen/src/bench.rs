@@ -158,11 +158,7 @@ pub async fn bench(clients: Vec<Client>, o: &BenchOptions) -> Result<Vec<NodeFig
         .map(|(mut t, c)| {
             t.lat.sort();
             let pct = |p: f64| {
-                if t.lat.is_empty() {
-                    return f64::NAN;
-                }
-                let i = ((t.lat.len() as f64 - 1.0) * p).round() as usize;
-                t.lat[i].as_secs_f64() * 1e3
+                dsys_runtime::percentile(&t.lat, p).map_or(f64::NAN, |d| d.as_secs_f64() * 1e3)
             };
             let ids_per_sec = t.ids as f64 / wall;
             NodeFigures {

@@ -75,11 +75,7 @@ pub struct BenchFigures {
 }
 
 fn pct(sorted: &[Duration], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i].as_secs_f64() * 1e6
+    dsys_runtime::percentile(sorted, p).map_or(f64::NAN, |d| d.as_secs_f64() * 1e6)
 }
 
 /// The plain loop: `total` bytes written as `write(batch)` + `fdatasync`, stopping early at
