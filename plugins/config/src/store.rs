@@ -8,6 +8,7 @@
 //! writer is read and tried again (a few times).
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use dsys_plugin_consensus::api::MAX_RANGE;
 use dsys_plugin_consensus::state::{
@@ -15,14 +16,21 @@ use dsys_plugin_consensus::state::{
 };
 use dsys_plugin_consensus::{ConsensusApi, ConsensusRequest, ConsensusResponse};
 use dsys_plugin_lock::recipe::Consensus;
+
 use dsys_runtime::{Rpc, RpcError};
 
 use crate::api::{Change, Item, SchemaEntry};
 use crate::layout::{self, Entry, Op};
 use crate::schema::{self, ValueType};
 
-/// Tries of one write against concurrent writers of the same key.
-const WRITE_TRIES: usize = 8;
+/// Tries of one write against concurrent writers of the same key. Writers that lose the
+/// compare wait a random while, up to [`WRITE_BACKOFF_MAX`] (doubling from 2 ms), before
+/// reading again: concurrent transactions land in the same Raft batch, where exactly one
+/// wins, and without the jitter the same writers raced again at once (8 tries without it
+/// ran out with 3 writers on one key on a loaded machine).
+const WRITE_TRIES: u32 = 24;
+/// Longest wait between two tries of one write.
+const WRITE_BACKOFF_MAX: Duration = Duration::from_millis(100);
 
 /// The consensus-backed config store, as seen from one node.
 #[derive(Clone, Debug)]
@@ -316,7 +324,11 @@ impl Store {
         by: String,
         rollback_of: Option<u64>,
     ) -> Result<(u64, Option<String>), RpcError> {
-        for _ in 0..WRITE_TRIES {
+        for attempt in 0..WRITE_TRIES {
+            if attempt > 0 {
+                let cap = Duration::from_millis(2 << attempt.min(6)).min(WRITE_BACKOFF_MAX);
+                tokio::time::sleep(cap.mul_f64(rand::random::<f64>())).await;
+            }
             let (cur, seq) = self.read(key).await?;
             let cur_rev = cur.as_ref().map(|kv| kv.mod_revision).unwrap_or(0);
             if let Some(want) = if_revision {
