@@ -112,6 +112,16 @@ pub enum ConsensusRequest {
         /// Node id.
         node: String,
     },
+    /// A client's write carrying the client's own request id (`dsys raft` sends its writes
+    /// so): sent again, to the same or another node, after a timeout whose outcome it cannot
+    /// know, it is still applied at most once, and the repeat answers the first result.
+    Tagged {
+        /// The id, chosen by the client: a random `client`, `seq` and `floor` 1 for a
+        /// one-shot client.
+        id: RequestId,
+        /// The write (put, delete, txn, lease grant or revoke).
+        req: Box<ConsensusRequest>,
+    },
     /// A client request forwarded by another node towards the leader.
     Forwarded {
         /// Forwarding hops so far.
@@ -594,6 +604,24 @@ impl RaftCommand {
     /// The request this command sends (`watch` sends it repeatedly; see
     /// [`RaftCommand::watch_args`]).
     pub fn request(&self) -> Result<ConsensusRequest, String> {
+        let req = self.plain_request()?;
+        // A write carries its own id, so the CLI's retry on the next endpoint (after a
+        // timeout) cannot apply it twice.
+        Ok(if crate::is_tagged_write(&req) {
+            ConsensusRequest::Tagged {
+                id: RequestId {
+                    client: rand::random(),
+                    seq: 1,
+                    floor: 1,
+                },
+                req: Box::new(req),
+            }
+        } else {
+            req
+        })
+    }
+
+    fn plain_request(&self) -> Result<ConsensusRequest, String> {
         Ok(match self {
             RaftCommand::Status => ConsensusRequest::Status,
             RaftCommand::Put { key, value, lease } => ConsensusRequest::Put {

@@ -206,7 +206,7 @@ impl Drop for InFlight<'_> {
 
 /// Writes that go through the log and get a request id (membership changes are not tagged:
 /// openraft refuses a second change while one is in progress).
-fn is_tagged_write(req: &ConsensusRequest) -> bool {
+pub(crate) fn is_tagged_write(req: &ConsensusRequest) -> bool {
     matches!(
         req,
         ConsensusRequest::Put { .. }
@@ -1371,6 +1371,14 @@ impl Plugin for ConsensusPlugin {
             | ConsensusRequest::Forwarded { .. } => Err(RpcError::refused(
                 "Raft messages are accepted from cluster nodes only",
             )),
+            ConsensusRequest::Tagged { id, req } => {
+                if !is_tagged_write(&req) {
+                    return Err(RpcError::refused(
+                        "only a put, delete, txn, lease grant or lease revoke carries a request id",
+                    ));
+                }
+                i.client(*req, 0, Some(id)).await
+            }
             req => i.client(req, 0, None).await,
         }
     }

@@ -842,4 +842,55 @@ async fn a_write_delivered_twice_is_applied_once() {
     }
     // Clients cannot send tagged (forwarded) requests themselves.
     assert!(c.call(&leader, tagged(0)).await.is_err());
+    // But a client may tag its own write, as the CLI does: its retry on another endpoint
+    // (after a timeout) answers the first result and changes nothing.
+    let mine = ConsensusRequest::Tagged {
+        id: RequestId {
+            client: 0xbeef,
+            seq: 1,
+            floor: 1,
+        },
+        req: Box::new(ConsensusRequest::Put {
+            key: "mine".into(),
+            value: "v".into(),
+            lease: None,
+        }),
+    };
+    let a = c.call(follower, mine.clone()).await.expect("first send");
+    let b = c.call(&leader, mine).await.expect("retry elsewhere");
+    let (ConsensusResponse::Put { revision: ra, .. }, ConsensusResponse::Put { revision: rb, .. }) =
+        (&a, &b)
+    else {
+        panic!("unexpected answers {a:?} / {b:?}");
+    };
+    assert_eq!(ra, rb, "the retry must answer the first application");
+    match c
+        .call(
+            &leader,
+            ConsensusRequest::Get {
+                key: "mine".into(),
+                prefix: false,
+                serializable: false,
+                limit: 1,
+            },
+        )
+        .await
+        .expect("get")
+    {
+        ConsensusResponse::Range { kvs, revision, .. } => {
+            assert_eq!(kvs[0].version, 1, "a client's retry was applied twice");
+            assert_eq!(revision, *ra);
+        }
+        other => panic!("unexpected answer {other:?}"),
+    }
+    // Only writes carry an id.
+    let tagged_read = ConsensusRequest::Tagged {
+        id: RequestId {
+            client: 0xbeef,
+            seq: 2,
+            floor: 1,
+        },
+        req: Box::new(ConsensusRequest::Status),
+    };
+    assert!(c.call(&leader, tagged_read).await.is_err());
 }
