@@ -210,6 +210,23 @@ impl Cluster {
         }
     }
 
+    /// A linearizable read of `k` through `id`: the key's version (0 when absent) and the
+    /// revision of the state read.
+    async fn version_at(&self, id: &str, k: &str) -> (u64, u64) {
+        let get = ConsensusRequest::Get {
+            key: k.into(),
+            prefix: false,
+            serializable: false,
+            limit: 1,
+        };
+        match self.call(id, get).await.expect("get") {
+            ConsensusResponse::Range { kvs, revision, .. } => {
+                (kvs.first().map_or(0, |kv| kv.version), revision)
+            }
+            other => panic!("unexpected answer to get: {other:?}"),
+        }
+    }
+
     async fn get(
         &self,
         id: &str,
@@ -820,26 +837,9 @@ async fn a_write_delivered_twice_is_applied_once() {
     assert_eq!(ra, rb, "the repeat must answer the first application");
     assert_eq!(*ra, rev0 + 1);
     // A linearizable read: the revision of the state read counts every applied change.
-    match c
-        .call(
-            follower,
-            ConsensusRequest::Get {
-                key: "once".into(),
-                prefix: false,
-                serializable: false,
-                limit: 1,
-            },
-        )
-        .await
-        .expect("get")
-    {
-        ConsensusResponse::Range { kvs, revision, .. } => {
-            assert_eq!(kvs.len(), 1);
-            assert_eq!(kvs[0].version, 1, "applied more than once");
-            assert_eq!(revision, rev0 + 1, "the write was applied twice");
-        }
-        other => panic!("unexpected answer {other:?}"),
-    }
+    let (version, revision) = c.version_at(follower, "once").await;
+    assert_eq!(version, 1, "applied more than once");
+    assert_eq!(revision, rev0 + 1, "the write was applied twice");
     // Clients cannot send tagged (forwarded) requests themselves.
     assert!(c.call(&leader, tagged(0)).await.is_err());
     // But a client may tag its own write, as the CLI does: its retry on another endpoint
@@ -864,25 +864,9 @@ async fn a_write_delivered_twice_is_applied_once() {
         panic!("unexpected answers {a:?} / {b:?}");
     };
     assert_eq!(ra, rb, "the retry must answer the first application");
-    match c
-        .call(
-            &leader,
-            ConsensusRequest::Get {
-                key: "mine".into(),
-                prefix: false,
-                serializable: false,
-                limit: 1,
-            },
-        )
-        .await
-        .expect("get")
-    {
-        ConsensusResponse::Range { kvs, revision, .. } => {
-            assert_eq!(kvs[0].version, 1, "a client's retry was applied twice");
-            assert_eq!(revision, *ra);
-        }
-        other => panic!("unexpected answer {other:?}"),
-    }
+    let (version, revision) = c.version_at(&leader, "mine").await;
+    assert_eq!(version, 1, "a client's retry was applied twice");
+    assert_eq!(revision, *ra);
     // Only writes carry an id.
     let tagged_read = ConsensusRequest::Tagged {
         id: RequestId {
