@@ -238,7 +238,7 @@ for t in $(seq "$TRIALS"); do
   # The pid first, so that the clock starts at the SIGKILL itself, as for etcd (timing
   # `cluster.sh kill` counted its start-up: puts that started meanwhile still reached the
   # leader and read as a failover of 20 ms).
-  pid=$(cat "$DSYS_RUN_DIR/pids/$l.pid")
+  pid=$(scripts/cluster.sh pid "$l")
   k=$(now_ns)
   kill -KILL "$pid"
   wait_recovered "$wlog" "$k" || true

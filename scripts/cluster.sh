@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Local cluster control: up [N] | down | status | logs NODE [-f] | start NODE | restart NODE | kill NODE
+# Local cluster control: up [N] | down | status | logs NODE [-f] | start NODE | restart NODE | kill NODE | pid NODE
 # Nodes come from cluster.toml (or $DSYS_CONFIG); pid files and logs live in run/ (git-ignored).
 # `down` and `kill` stop only processes this script started, checked by pid and command line.
 set -euo pipefail
@@ -108,6 +108,9 @@ MSG
     [ -n "${2:-}" ] || die "kill NODE"
     pid=$(pid_of "$2") || die "$2 is not running"
     kill -KILL "$pid"; rm -f "$RUN/pids/$2.pid"; log "SIGKILLed $2 (pid $pid)" ;;
+  pid)
+    [ -n "${2:-}" ] || die "pid NODE"
+    pid_of "$2" || die "$2 is not running" ;;
   running) running ;;
-  *) echo "usage: scripts/cluster.sh up [N] | down | status | logs NODE [-f] | start NODE | restart NODE | kill NODE | running" >&2; exit 2 ;;
+  *) echo "usage: scripts/cluster.sh up [N] | down | status | logs NODE [-f] | start NODE | restart NODE | kill NODE | pid NODE | running" >&2; exit 2 ;;
 esac

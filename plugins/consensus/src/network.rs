@@ -120,29 +120,40 @@ pub(crate) fn approx_size(e: &Entry) -> usize {
 }
 
 impl Conn {
+    /// Send one Raft message (`what`, for errors) and unpack the answer `pick` expects; it
+    /// hands any other answer back, which is refused as malformed.
+    async fn call<T, E: std::error::Error>(
+        &self,
+        what: &str,
+        req: ConsensusRequest,
+        ttl: Duration,
+        pick: impl FnOnce(ConsensusResponse) -> Result<Result<T, RaftError<u64, E>>, ConsensusResponse>,
+    ) -> Result<T, RpcErr<E>> {
+        let r = self
+            .rpc
+            .call_with_timeout::<ConsensusApi>(&self.name, &req, ttl)
+            .await
+            .map_err(net_err)?;
+        match pick(r) {
+            Ok(Ok(r)) => Ok(r),
+            Ok(Err(e)) => Err(RPCError::RemoteError(RemoteError::new(self.target, e))),
+            Err(other) => Err(RPCError::Network(NetworkError::new(&RpcError::Malformed(
+                format!("unexpected answer to {what}: {other:?}"),
+            )))),
+        }
+    }
+
     async fn send_append(
         &self,
         rpc: AppendEntriesRequest<TypeConfig>,
         ttl: Duration,
     ) -> Result<AppendEntriesResponse<u64>, RpcErr> {
-        let r = self
-            .rpc
-            .call_with_timeout::<ConsensusApi>(
-                &self.name,
-                &ConsensusRequest::AppendEntries(rpc),
-                ttl,
-            )
-            .await
-            .map_err(net_err)?;
-        match r {
-            ConsensusResponse::AppendEntries(Ok(r)) => Ok(r),
-            ConsensusResponse::AppendEntries(Err(e)) => {
-                Err(RPCError::RemoteError(RemoteError::new(self.target, e)))
-            }
-            other => Err(RPCError::Network(NetworkError::new(&RpcError::Malformed(
-                format!("unexpected answer to append_entries: {other:?}"),
-            )))),
-        }
+        let req = ConsensusRequest::AppendEntries(rpc);
+        self.call("append_entries", req, ttl, |r| match r {
+            ConsensusResponse::AppendEntries(r) => Ok(r),
+            other => Err(other),
+        })
+        .await
     }
 }
 
@@ -215,12 +226,11 @@ impl RaftNetwork<TypeConfig> for Conn {
         rpc.entries.truncate(fits);
         let last = rpc.entries.last().map(|e| e.log_id);
         let ttl = deadline.saturating_duration_since(Instant::now());
-        let t0 = Instant::now();
-        let r = self.send_append(rpc, ttl).await;
-        tracing::trace!(to = %self.name, entries = fits, ok = r.is_ok(), elapsed = ?t0.elapsed(), "append_entries sent");
-        let r = r?;
-        self.metrics
-            .add(REPLICATED, &[("how", "sent")], fits as u64);
+        let r = self.send_append(rpc, ttl).await?;
+        if fits > 0 {
+            self.metrics
+                .add(REPLICATED, &[("how", "sent")], fits as u64);
+        }
         match r {
             AppendEntriesResponse::Success if partial => {
                 Ok(AppendEntriesResponse::PartialSuccess(last))
@@ -242,24 +252,12 @@ impl RaftNetwork<TypeConfig> for Conn {
         rpc: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<InstallSnapshotResponse<u64>, RpcErr<InstallSnapshotError>> {
-        let r = self
-            .rpc
-            .call_with_timeout::<ConsensusApi>(
-                &self.name,
-                &ConsensusRequest::InstallSnapshot(rpc),
-                option.hard_ttl(),
-            )
-            .await
-            .map_err(net_err)?;
-        match r {
-            ConsensusResponse::InstallSnapshot(Ok(r)) => Ok(r),
-            ConsensusResponse::InstallSnapshot(Err(e)) => {
-                Err(RPCError::RemoteError(RemoteError::new(self.target, e)))
-            }
-            other => Err(RPCError::Network(NetworkError::new(&RpcError::Malformed(
-                format!("unexpected answer to install_snapshot: {other:?}"),
-            )))),
-        }
+        let req = ConsensusRequest::InstallSnapshot(rpc);
+        self.call("install_snapshot", req, option.hard_ttl(), |r| match r {
+            ConsensusResponse::InstallSnapshot(r) => Ok(r),
+            other => Err(other),
+        })
+        .await
     }
 
     async fn vote(
@@ -267,23 +265,11 @@ impl RaftNetwork<TypeConfig> for Conn {
         rpc: VoteRequest<u64>,
         option: RPCOption,
     ) -> Result<VoteResponse<u64>, RpcErr> {
-        let r = self
-            .rpc
-            .call_with_timeout::<ConsensusApi>(
-                &self.name,
-                &ConsensusRequest::Vote(rpc),
-                option.hard_ttl(),
-            )
-            .await
-            .map_err(net_err)?;
-        match r {
-            ConsensusResponse::Vote(Ok(r)) => Ok(r),
-            ConsensusResponse::Vote(Err(e)) => {
-                Err(RPCError::RemoteError(RemoteError::new(self.target, e)))
-            }
-            other => Err(RPCError::Network(NetworkError::new(&RpcError::Malformed(
-                format!("unexpected answer to vote: {other:?}"),
-            )))),
-        }
+        let req = ConsensusRequest::Vote(rpc);
+        self.call("vote", req, option.hard_ttl(), |r| match r {
+            ConsensusResponse::Vote(r) => Ok(r),
+            other => Err(other),
+        })
+        .await
     }
 }
