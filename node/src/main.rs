@@ -236,6 +236,12 @@ enum BenchCmd {
         /// Folder on the disk to measure (a scratch subfolder is made and removed).
         #[arg(long, default_value = ".")]
         dir: PathBuf,
+        /// Concurrent writers, one case each.
+        #[arg(long, value_delimiter = ',', default_value = "1,8,64")]
+        writers: Vec<usize>,
+        /// Payload bytes per record, one case each.
+        #[arg(long, value_delimiter = ',', default_value = "100,4096")]
+        sizes: Vec<usize>,
     },
     /// Key-value gets and puts against the running cluster, spread over every endpoint.
     Kv {
@@ -426,13 +432,20 @@ async fn run(cli: Cli) -> Result<u8, Fail> {
             Ok(0)
         }
         Cmd::Config(c) => config_cmd(&cli, c).await,
-        Cmd::Bench(BenchCmd::Wal { duration, dir }) => {
+        Cmd::Bench(BenchCmd::Wal {
+            duration,
+            dir,
+            writers,
+            sizes,
+        }) => {
             let scratch = tempfile::Builder::new()
                 .prefix("wal-bench-")
                 .tempdir_in(dir)
                 .map_err(|e| usage(format!("--dir {}: {e}", dir.display())))?;
             let mut opts = dsys_plugin_wal::bench::BenchOptions::new(scratch.path());
             opts.duration = *duration;
+            opts.writers = writers.clone();
+            opts.record_sizes = sizes.clone();
             let figs = dsys_plugin_wal::bench::bench(&opts)
                 .await
                 .map_err(|e| Fail(1, e.to_string()))?;

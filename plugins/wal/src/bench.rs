@@ -6,7 +6,7 @@
 //! disk's own batched-fsync speed. Each case alternates WAL and plain-loop slices so that both
 //! see the same disk conditions.
 
-use std::io::Write;
+use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -72,6 +72,11 @@ pub struct BenchFigures {
     pub raw_disk_mb_per_s: f64,
     /// WAL appends/s over raw appends/s.
     pub ratio: f64,
+    /// The same loop over a file zero-filled (and fsynced) beforehand, as the WAL pre-fills
+    /// its segments: the best a plain loop does on this disk, in records per second.
+    pub raw_prefilled_appends_per_s: f64,
+    /// WAL appends/s over the pre-filled loop's.
+    pub ratio_prefilled: f64,
 }
 
 fn pct(sorted: &[Duration], p: f64) -> f64 {
@@ -79,34 +84,46 @@ fn pct(sorted: &[Duration], p: f64) -> f64 {
 }
 
 /// The plain loop: `total` bytes written as `write(batch)` + `fdatasync`, stopping early at
-/// `limit`. Returns (bytes written, time taken).
+/// `limit`, into a new file, or over `total` zeros written and fsynced before the clock
+/// starts when `prefilled`. Returns (bytes written, time taken).
 fn raw_batched(
     path: &Path,
     total: u64,
     batch: usize,
     limit: Duration,
+    prefilled: bool,
 ) -> Result<(u64, Duration), WalError> {
+    let io = |op: &'static str| {
+        move |e| WalError::Io {
+            op,
+            path: path.into(),
+            source: e,
+        }
+    };
     let mut f = std::fs::OpenOptions::new()
         .create(true)
         .truncate(true)
         .write(true)
         .open(path)
-        .map_err(|e| WalError::Io {
-            op: "create",
-            path: path.into(),
-            source: e,
-        })?;
+        .map_err(io("create"))?;
+    if prefilled {
+        let zeros = vec![0u8; 1 << 20];
+        let mut left = total;
+        while left > 0 {
+            let n = left.min(zeros.len() as u64) as usize;
+            f.write_all(&zeros[..n]).map_err(io("pre-fill"))?;
+            left -= n as u64;
+        }
+        f.sync_all().map_err(io("fsync"))?;
+        f.seek(SeekFrom::Start(0)).map_err(io("seek"))?;
+    }
     let buf = vec![0xA5u8; batch.max(1)];
     let t0 = Instant::now();
     let mut done = 0u64;
     while done < total && t0.elapsed() < limit {
         f.write_all(&buf)
             .and_then(|_| f.sync_data())
-            .map_err(|e| WalError::Io {
-                op: "write",
-                path: path.into(),
-                source: e,
-            })?;
+            .map_err(io("write"))?;
         done += buf.len() as u64;
     }
     Ok((done, t0.elapsed()))
@@ -130,8 +147,9 @@ async fn one_case(
     let rec = (RECORD_HEADER_BYTES + size) as f64;
     let slice = duration / SLICES;
     let mut lat = Vec::new();
-    let (mut wal_time, mut raw_time) = (Duration::ZERO, Duration::ZERO);
-    let (mut raw_bytes, mut batch_sum) = (0u64, 0u64);
+    let (mut wal_time, mut raw_time, mut pre_time) =
+        (Duration::ZERO, Duration::ZERO, Duration::ZERO);
+    let (mut raw_bytes, mut pre_bytes, mut batch_sum) = (0u64, 0u64, 0u64);
     let first = wal.stats();
     for _ in 0..SLICES {
         let before = wal.stats();
@@ -162,15 +180,21 @@ async fn one_case(
         let bytes = after.bytes_written - before.bytes_written;
         let batch = (bytes / (after.fsyncs - before.fsyncs).max(1)).max(1);
         batch_sum += batch;
-        // The plain loop: the same bytes, in batches of the size the group commit achieved.
-        let (b, t) = tokio::task::spawn_blocking({
-            let p = raw_path.clone();
-            move || raw_batched(&p, bytes, batch as usize, slice * 3)
-        })
-        .await
-        .map_err(|e| WalError::InvalidArgument(format!("bench task: {e}")))??;
-        raw_bytes += b;
-        raw_time += t;
+        // The plain loop: the same bytes, in batches of the size the group commit achieved,
+        // appended to a new file and then written over a pre-filled one.
+        for prefilled in [false, true] {
+            let (b, t) = tokio::task::spawn_blocking({
+                let p = raw_path.clone();
+                move || raw_batched(&p, bytes, batch as usize, slice * 3, prefilled)
+            })
+            .await
+            .map_err(|e| WalError::InvalidArgument(format!("bench task: {e}")))??;
+            if prefilled {
+                (pre_bytes, pre_time) = (pre_bytes + b, pre_time + t);
+            } else {
+                (raw_bytes, raw_time) = (raw_bytes + b, raw_time + t);
+            }
+        }
     }
     let st = wal.stats();
     wal.close().await;
@@ -182,6 +206,7 @@ async fn one_case(
     let fsyncs = (st.fsyncs - first.fsyncs).max(1);
     let raw_bps = raw_bytes as f64 / raw_time.as_secs_f64().max(1e-9);
     let raw_appends_per_s = raw_bps / rec;
+    let raw_prefilled_appends_per_s = pre_bytes as f64 / pre_time.as_secs_f64().max(1e-9) / rec;
     Ok(BenchFigures {
         record_bytes: size,
         writers,
@@ -197,6 +222,8 @@ async fn one_case(
         raw_appends_per_s,
         raw_disk_mb_per_s: raw_bps / 1e6,
         ratio: appends_per_s / raw_appends_per_s,
+        raw_prefilled_appends_per_s,
+        ratio_prefilled: appends_per_s / raw_prefilled_appends_per_s,
     })
 }
 
@@ -232,7 +259,7 @@ pub async fn bench(opts: &BenchOptions) -> Result<Vec<BenchFigures>, WalError> {
 /// The figures as a text table.
 pub fn table(figs: &[BenchFigures]) -> String {
     let mut s = format!(
-        "{:>7} {:>5} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>11} {:>10} {:>6}\n",
+        "{:>7} {:>5} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>11} {:>10} {:>6} {:>11} {:>6}\n",
         "record",
         "wrtrs",
         "appends/s",
@@ -243,11 +270,13 @@ pub fn table(figs: &[BenchFigures]) -> String {
         "raw batch",
         "raw rec/s",
         "raw MB/s",
+        "ratio",
+        "pre rec/s",
         "ratio"
     );
     for f in figs {
         s.push_str(&format!(
-            "{:>6}B {:>5} {:>10.0} {:>9.2} {:>9.1} {:>9.0} {:>9.0} {:>8}B {:>11.0} {:>10.2} {:>5.2}x\n",
+            "{:>6}B {:>5} {:>10.0} {:>9.2} {:>9.1} {:>9.0} {:>9.0} {:>8}B {:>11.0} {:>10.2} {:>5.2}x {:>11.0} {:>5.2}x\n",
             f.record_bytes,
             f.writers,
             f.appends_per_s,
@@ -258,7 +287,9 @@ pub fn table(figs: &[BenchFigures]) -> String {
             f.raw_batch_bytes,
             f.raw_appends_per_s,
             f.raw_disk_mb_per_s,
-            f.ratio
+            f.ratio,
+            f.raw_prefilled_appends_per_s,
+            f.ratio_prefilled
         ));
     }
     s
@@ -278,6 +309,7 @@ mod tests {
         let f = bench(&o).await.expect("bench");
         assert_eq!(f.len(), 1);
         assert!(f[0].appends > 0 && f[0].raw_appends_per_s > 0.0, "{f:?}");
+        assert!(f[0].raw_prefilled_appends_per_s > 0.0, "{f:?}");
         assert!(table(&f).contains("100B"));
         o.writers = vec![0];
         assert!(bench(&o).await.is_err());

@@ -101,6 +101,9 @@ pub(crate) enum Invalid {
     },
     /// The CRC does not match.
     BadCrc,
+    /// An all-zero header (the pre-filled space after the last record), but other bytes
+    /// after it: data was lost in the middle of what was written.
+    DataAfterZeros,
     /// A valid record, but not the LSN expected next.
     WrongLsn {
         /// Expected.
@@ -119,6 +122,7 @@ impl std::fmt::Display for Invalid {
                 write!(f, "length {len} beyond end of file ({have} bytes left)")
             }
             Invalid::BadCrc => write!(f, "CRC mismatch"),
+            Invalid::DataAfterZeros => write!(f, "zeroed record followed by data"),
             Invalid::WrongLsn { expected, found } => {
                 write!(f, "LSN {found} where {expected} was expected")
             }

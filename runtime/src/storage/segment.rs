@@ -6,6 +6,11 @@
 //! cap, length past the end of the file, CRC mismatch, LSN other than the next one) is where
 //! the log ends. That segment is truncated there (and fsynced) and every later segment is
 //! deleted, so the log never has a hole. Nothing in here panics on any file content.
+//!
+//! The writer pre-fills the active segment with zeros ahead of its records (see `wal`), so a
+//! segment may end in zeros. An all-zero header (LSN 0, which no record has) followed by
+//! nothing but zeros to the end of the file is a clean end and stays in place; an all-zero
+//! header followed by any other byte is damage like any other, and is cut.
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufReader, Read};
@@ -66,6 +71,8 @@ pub(crate) enum Next {
     Record(Header),
     /// Clean end of the data.
     End,
+    /// An all-zero header: the pre-filled space after the last record (if only zeros follow).
+    Zeros,
     /// Not a valid record.
     Invalid(Invalid),
 }
@@ -100,6 +107,9 @@ pub(crate) fn read_next<R: Read>(
     if got < RECORD_HEADER_BYTES {
         return Ok(Next::Invalid(Invalid::ShortHeader { have: got }));
     }
+    if hb == [0u8; RECORD_HEADER_BYTES] {
+        return Ok(Next::Zeros);
+    }
     let h = record::parse_header(&hb);
     if h.len > MAX_RECORD_BYTES_LIMIT {
         return Ok(Next::Invalid(Invalid::BadLength(h.len)));
@@ -131,6 +141,20 @@ pub(crate) fn read_next<R: Read>(
         }));
     }
     Ok(Next::Record(h))
+}
+
+/// Whether everything left in `r` is zero bytes.
+fn only_zeros<R: Read>(r: &mut R) -> std::io::Result<bool> {
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = read_full(r, &mut buf)?;
+        if buf[..n].iter().any(|&b| b != 0) {
+            return Ok(false);
+        }
+        if n < buf.len() {
+            return Ok(true);
+        }
+    }
 }
 
 /// What one segment holds.
@@ -168,6 +192,16 @@ pub(crate) fn scan_segment(path: &Path, first_lsn: u64) -> Result<Scan, WalError
                 pos += record::encoded_len(h.len as usize) as u64;
                 next += 1;
                 records += 1;
+            }
+            Next::Zeros => {
+                let rest_zero = only_zeros(&mut r).map_err(|e| WalError::io("read", path, e))?;
+                return Ok(Scan {
+                    records,
+                    valid_bytes: pos,
+                    file_len,
+                    next_lsn: next,
+                    invalid: (!rest_zero).then_some((pos, Invalid::DataAfterZeros)),
+                });
             }
             Next::End => {
                 return Ok(Scan {
@@ -352,6 +386,36 @@ mod tests {
         assert!(rep.cut.is_some());
         assert_eq!(std::fs::metadata(&a).expect("stat").len(), ends[6]);
         assert!(!b.exists());
+    }
+
+    #[test]
+    fn zeros_after_the_records_are_a_clean_end_and_data_after_them_is_cut() {
+        let d = tempfile::tempdir().expect("tmp");
+        let a = d.path().join(segment_name(1));
+        let ends = write_records(&a, 1, 6);
+        let mut bytes = std::fs::read(&a).expect("read");
+        bytes.resize(bytes.len() + 5000, 0);
+        std::fs::write(&a, &bytes).expect("write");
+        // Pre-filled zeros: nothing cut, the zeros stay for the writer to fill.
+        let (rep, kept, next) = recover(d.path(), 0).expect("recover");
+        assert_eq!((rep.records, next, rep.truncated_bytes), (6, 7, 0));
+        assert_eq!((rep.cut.as_deref(), kept[0].len), (None, ends[5]));
+        assert_eq!(
+            std::fs::metadata(&a).expect("stat").len(),
+            bytes.len() as u64
+        );
+        // A record whose bytes were lost (zeros) with data after it: cut where the zeros start,
+        // so that no later record (written but never made durable) comes back.
+        let lost = ends[2] as usize..ends[3] as usize;
+        bytes[lost].fill(0);
+        std::fs::write(&a, &bytes).expect("write");
+        let (rep, kept, next) = recover(d.path(), 0).expect("recover");
+        assert_eq!((rep.records, next, kept[0].len), (3, 4, ends[2]));
+        assert!(
+            rep.cut.as_deref().unwrap_or("").contains("zeroed"),
+            "{rep:?}"
+        );
+        assert_eq!(std::fs::metadata(&a).expect("stat").len(), ends[2]);
     }
 
     #[test]

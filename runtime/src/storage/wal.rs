@@ -17,12 +17,20 @@
 //!   is sent only once `durable_lsn` covers the record. Callers wait on oneshot channels.
 //!   The threads exit when the log is closed or every handle is dropped. After any failed write or fsync the log is poisoned: every later call fails
 //!   until it is reopened, because after a failed fsync the page cache cannot be trusted.
+//! * **Pre-filled segments**: before small batches reach the end of the active segment's file,
+//!   the writer extends it with zeros, [`PREFILL_BYTES`] at a time (up to the segment size).
+//!   The records then overwrite blocks the file system has already allocated, so most
+//!   `fdatasync`s flush data only, without a journal commit for the new file size (PostgreSQL
+//!   pre-zeroes its WAL segments for the same reason). Batches of 64 KiB or more are appended
+//!   as they are: their fsync is mostly data, and zeros would double it. Recovery reads an
+//!   all-zero header as the end; a closed or rolled segment is trimmed to its records.
 //! * **Checkpoints** record an LSN durably (`checkpoint` file, written then renamed) and delete
 //!   the segments wholly below it; the active segment always stays.
 //! * One open log per folder, enforced by an exclusive lock on `<dir>/LOCK`.
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufReader, Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -73,6 +81,12 @@ pub const DEFAULT_MAX_RECORD_BYTES: u32 = 4 << 20;
 pub const MAX_APPEND_MANY_BYTES: usize = 256 << 20;
 /// The writer stops gathering a batch once this many bytes are queued.
 const MAX_BATCH_BYTES: usize = 8 << 20;
+
+/// Zeros written ahead of the records at a time (see the module docs).
+pub(crate) const PREFILL_BYTES: u64 = 1 << 20;
+
+/// Batches of at least this many bytes are appended without pre-filling (see `prefill`).
+const PREFILL_MAX_BATCH: u64 = 64 << 10;
 
 impl WalConfig {
     /// Defaults (64 MiB segments, group commit, 4 MiB records) in `dir`.
@@ -333,7 +347,11 @@ impl Wal {
                 }
             });
         }
-        let relay = Arc::new(Mutex::new(Some(Core { rx, w: writer })));
+        let relay = Arc::new(Mutex::new(Some(Core {
+            rx,
+            w: writer,
+            prev_batch: 0,
+        })));
         for i in 0..WRITER_THREADS {
             let relay = relay.clone();
             std::thread::Builder::new()
@@ -656,6 +674,11 @@ fn open_sync(cfg: &WalConfig) -> Result<(WalRecovery, Writer, u64, Arc<Shared>),
         .map_err(|e| WalError::io("open", &active.path, e))?;
     file.seek(SeekFrom::Start(active.len))
         .map_err(|e| WalError::io("seek", &active.path, e))?;
+    // Recovery cut anything that was not a record or the zeros after them.
+    let prefilled = file
+        .metadata()
+        .map_err(|e| WalError::io("stat", &active.path, e))?
+        .len();
     // What survived recovery is what we build on: make sure it is on disk (it may have been
     // written under `Interval` and never fsynced before the crash).
     file.sync_data()
@@ -680,6 +703,7 @@ fn open_sync(cfg: &WalConfig) -> Result<(WalRecovery, Writer, u64, Arc<Shared>),
         segment_bytes: cfg.segment_bytes,
         file: Arc::new(file),
         seg_len: active.len,
+        prefilled,
         buf: Vec::with_capacity(1 << 20),
         buf_last: last,
         written: last,
@@ -697,6 +721,8 @@ struct Writer {
     /// Shared with a thread that fsyncs it outside the lock.
     file: Arc<File>,
     seg_len: u64,
+    /// The active segment's file length: records, then zeros up to here.
+    prefilled: u64,
     buf: Vec<u8>,
     buf_last: u64,
     written: u64,
@@ -714,6 +740,8 @@ const WRITER_THREADS: usize = 2;
 struct Core {
     rx: mpsc::UnboundedReceiver<Msg>,
     w: Writer,
+    /// Messages in the batch before this one.
+    prev_batch: usize,
 }
 
 /// `None` once the log is closed (or every handle dropped) and its folder released.
@@ -732,48 +760,88 @@ struct Pending {
 fn run_relay(relay: &Relay) {
     loop {
         let mut guard = lock(relay);
-        let Some(core) = guard.as_mut() else { return };
-        let first = core.rx.blocking_recv();
-        let Some(first) = first else {
-            // Every handle dropped: make what was written durable, then stop.
-            if let Some(mut core) = guard.take() {
-                let _ = core.w.flush_and_sync(true);
-            }
-            return;
-        };
-        let mut bytes = first.bytes();
-        let mut batch = vec![first];
-        if core.w.shared.sync != SyncPolicy::Always {
-            while bytes < MAX_BATCH_BYTES {
-                match core.rx.try_recv() {
-                    Ok(m) => {
-                        bytes += m.bytes();
-                        batch.push(m);
+        // Set after an fsync done in place: the writers it acknowledged are about to append
+        // again, so look for their next record for a moment before sleeping.
+        let mut spin = false;
+        loop {
+            let Some(core) = guard.as_mut() else { return };
+            let first = match spin.then(|| spin_recv(&mut core.rx)).flatten() {
+                Some(m) => Some(m),
+                None => core.rx.blocking_recv(),
+            };
+            let Some(first) = first else {
+                // Every handle dropped: make what was written durable, then stop.
+                if let Some(mut core) = guard.take() {
+                    let _ = core.w.flush_and_sync(true).and_then(|()| core.w.trim());
+                }
+                return;
+            };
+            let mut bytes = first.bytes();
+            let mut batch = vec![first];
+            if core.w.shared.sync != SyncPolicy::Always {
+                while bytes < MAX_BATCH_BYTES {
+                    match core.rx.try_recv() {
+                        Ok(m) => {
+                            bytes += m.bytes();
+                            batch.push(m);
+                        }
+                        Err(_) => break,
                     }
-                    Err(_) => break,
                 }
             }
-        }
-        let (pending, close) = core.w.gather(batch);
-        let shared = core.w.shared.clone();
-        if let Some(ack) = close {
-            // Release the folder (file and lock) before telling the closer we are done, so
-            // that a reopen right after `close` finds it free. The other thread sees `None`.
-            let r = match core.w.flush_and_sync(true) {
-                Ok(()) => shared
-                    .poisoned()
-                    .map_or(Ok(()), |p| Err(WalError::Poisoned(p))),
-                Err(e) => Err(e),
-            };
-            guard.take();
+            // A lone writer: this batch and the one before it are a single message each.
+            let lone = batch.len() == 1 && core.prev_batch == 1;
+            core.prev_batch = batch.len();
+            let (pending, close) = core.w.gather(batch);
+            let shared = core.w.shared.clone();
+            if let Some(ack) = close {
+                // Release the folder (file and lock) before telling the closer we are done, so
+                // that a reopen right after `close` finds it free. The other thread sees `None`.
+                let r = match core.w.flush_and_sync(true).and_then(|()| core.w.trim()) {
+                    Ok(()) => shared
+                        .poisoned()
+                        .map_or(Ok(()), |p| Err(WalError::Poisoned(p))),
+                    Err(e) => Err(e),
+                };
+                guard.take();
+                drop(guard);
+                pending.finish(&shared);
+                let _ = ack.send(r);
+                return;
+            }
+            if lone && core.rx.is_empty() {
+                // A lone writer and nothing else queued: fsync here and keep
+                // the queue. Handing it over would only add a wake-up of the other thread
+                // before the fsync, and one more when the next append comes. With more
+                // writers, the next batch is gathered and written during this fsync.
+                pending.finish(&shared);
+                spin = true;
+                continue;
+            }
+            // Hand the queue to the other thread, then fsync while it gathers the next batch.
             drop(guard);
             pending.finish(&shared);
-            let _ = ack.send(r);
-            return;
+            break;
         }
-        // Hand the queue to the other thread, then fsync while it gathers the next batch.
-        drop(guard);
-        pending.finish(&shared);
+    }
+}
+
+/// How long a writer thread looks for the next append after an fsync done in place before
+/// it sleeps: about the time an acknowledged writer takes to wake up and append again here.
+const SPIN: Duration = Duration::from_micros(100);
+
+/// The next message if one arrives within [`SPIN`].
+fn spin_recv(rx: &mut mpsc::UnboundedReceiver<Msg>) -> Option<Msg> {
+    let t0 = std::time::Instant::now();
+    loop {
+        match rx.try_recv() {
+            Ok(m) => return Some(m),
+            Err(mpsc::error::TryRecvError::Disconnected) => return None,
+            Err(mpsc::error::TryRecvError::Empty) if t0.elapsed() < SPIN => {
+                std::thread::yield_now()
+            }
+            Err(mpsc::error::TryRecvError::Empty) => return None,
+        }
     }
 }
 
@@ -918,15 +986,54 @@ impl Writer {
         Ok(())
     }
 
+    /// Before writing `batch` bytes at the end of the records: extend the active segment with
+    /// zeros so that it holds them, a whole [`PREFILL_BYTES`] beyond its current length,
+    /// capped at the segment size. Only for batches under [`PREFILL_MAX_BATCH`]: a large
+    /// batch's fsync is dominated by its data, and zeros would double what reaches the disk.
+    fn prefill(&mut self, batch: u64) -> Result<(), WalError> {
+        let need = self.seg_len + batch;
+        if need <= self.prefilled || batch >= PREFILL_MAX_BATCH {
+            return Ok(());
+        }
+        let upto = (self.prefilled + PREFILL_BYTES)
+            .min(self.segment_bytes)
+            .max(need);
+        let zeros = vec![0u8; (upto - self.prefilled).min(PREFILL_BYTES) as usize];
+        let mut at = self.prefilled;
+        while at < upto {
+            let n = (upto - at).min(zeros.len() as u64) as usize;
+            self.file
+                .write_all_at(&zeros[..n], at)
+                .map_err(|e| WalError::io("pre-fill", self.active_path(), e))?;
+            at += n as u64;
+        }
+        self.prefilled = upto;
+        Ok(())
+    }
+
+    /// Cut the active segment's zeros after its records (on close and before a roll). Not
+    /// fsynced: if the new length is lost, recovery reads the zeros as the end.
+    fn trim(&mut self) -> Result<(), WalError> {
+        if self.prefilled > self.seg_len {
+            self.file
+                .set_len(self.seg_len)
+                .map_err(|e| WalError::io("truncate", self.active_path(), e))?;
+            self.prefilled = self.seg_len;
+        }
+        Ok(())
+    }
+
     /// Write the buffer (one `write`), then fsync if asked and needed.
     fn flush_and_sync(&mut self, sync: bool) -> Result<(), WalError> {
         if !self.buf.is_empty() {
             let path = self.active_path();
+            self.prefill(self.buf.len() as u64)?;
             (&*self.file)
                 .write_all(&self.buf)
                 .map_err(|e| WalError::io("write", &path, e))?;
             let n = self.buf.len() as u64;
             self.seg_len += n;
+            self.prefilled = self.prefilled.max(self.seg_len);
             self.written = self.buf_last;
             self.buf.clear();
             self.shared.bytes_written.fetch_add(n, Ordering::Relaxed);
@@ -964,6 +1071,7 @@ impl Writer {
 
     /// Start a new segment whose first record is `first_lsn`. The previous one is fsynced.
     fn roll(&mut self, first_lsn: u64) -> Result<(), WalError> {
+        self.trim()?;
         let path = self.shared.dir.join(segment::segment_name(first_lsn));
         let f = OpenOptions::new()
             .write(true)
@@ -974,6 +1082,7 @@ impl Writer {
         segment::sync_dir(&self.shared.dir)?;
         self.file = Arc::new(f);
         self.seg_len = 0;
+        self.prefilled = 0;
         lock(&self.shared.segments).push(SegmentMeta {
             first_lsn,
             path,
@@ -1112,7 +1221,7 @@ impl WalReader {
                         payload: std::mem::take(&mut self.buf),
                     }));
                 }
-                Next::End => {
+                Next::End | Next::Zeros => {
                     self.cur = None;
                     self.idx += 1;
                 }
@@ -1381,6 +1490,35 @@ mod tests {
         let v = w.verify().expect("verify");
         assert_eq!(v.error, None);
         assert_eq!(v.last_lsn, 101);
+    }
+
+    #[tokio::test]
+    async fn the_active_segment_is_prefilled_and_a_crash_copy_recovers_cleanly() {
+        let d = tempfile::tempdir().expect("tmp");
+        let mut c = cfg(d.path());
+        c.segment_bytes = 1 << 20;
+        let (w, _) = Wal::open(c.clone()).await.expect("open");
+        for i in 1..=20u64 {
+            w.append(1, i.to_le_bytes().to_vec()).await.expect("append");
+        }
+        let (_, path) = segment::list_segments(d.path()).expect("list")[0].clone();
+        let records = 20 * record::encoded_len(8) as u64;
+        let len = std::fs::metadata(&path).expect("stat").len();
+        assert!(len > records, "zeros ahead of the records: {len} bytes");
+        // What a SIGKILL leaves: records, then the zeros.
+        let copy = tempfile::tempdir().expect("tmp");
+        std::fs::copy(&path, copy.path().join(path.file_name().expect("name"))).expect("copy");
+        let mut cc = c.clone();
+        cc.dir = copy.path().into();
+        let (w2, rep) = Wal::open(cc).await.expect("open copy");
+        assert_eq!((rep.last_lsn, rep.truncated_bytes, rep.cut), (20, 0, None));
+        assert_eq!(w2.append(1, b"next".to_vec()).await.expect("append"), 21);
+        assert_eq!(all(&w2, 0).len(), 21);
+        assert!(w2.verify().expect("verify").error.is_none());
+        w2.close().await;
+        // A clean close leaves exactly the records.
+        w.close().await;
+        assert_eq!(std::fs::metadata(&path).expect("stat").len(), records);
     }
 
     #[tokio::test]
