@@ -37,6 +37,15 @@ pids=()
 
 echo "== dsys: 3 nodes, kv N=3 W=2, 100% writes for $DUR at concurrency ${DSYS_BENCH_CONCURRENCY:-256}"
 scripts/cluster.sh up 3 >/dev/null
+# Membership converges before every plugin has opened its store: wait (30 s at most) until a
+# write at W=2 succeeds through every node, so start-up refusals are not counted as errors.
+for port in $(grep -oE '^rpc_port *= *[0-9]+' cluster.toml | grep -oE '[0-9]+$' | head -3); do
+  for i in $(seq 150); do
+    "$BIN" --endpoints "127.0.0.1:$port" kv put bench-ready 1 --w 2 >/dev/null 2>&1 && break
+    [ "$i" -eq 150 ] && { echo "kv did not answer through 127.0.0.1:$port within 30 s" >&2; exit 1; }
+    sleep 0.2
+  done
+done
 out=$("$BIN" --json bench kv --ratio 0:100 --concurrency ${DSYS_BENCH_CONCURRENCY:-256} --w 2 --duration "$DUR" --value-size 100)
 echo "$out"
 dsys_wps=$(echo "$out" | python3 -c 'import json,sys; print(round(json.load(sys.stdin)["writes"]["rps"]))')
