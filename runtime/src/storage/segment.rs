@@ -104,11 +104,13 @@ pub(crate) fn read_next<R: Read>(
     }
     let mut hb = [0u8; RECORD_HEADER_BYTES];
     let got = read_full(r, &mut hb)?;
+    // Zeros, even fewer than a header's worth at the very end, are the writer's pre-filled
+    // space (or a torn header that wrote only zeros, which is the same: no record).
+    if hb[..got].iter().all(|&b| b == 0) {
+        return Ok(Next::Zeros);
+    }
     if got < RECORD_HEADER_BYTES {
         return Ok(Next::Invalid(Invalid::ShortHeader { have: got }));
-    }
-    if hb == [0u8; RECORD_HEADER_BYTES] {
-        return Ok(Next::Zeros);
     }
     let h = record::parse_header(&hb);
     if h.len > MAX_RECORD_BYTES_LIMIT {
@@ -394,6 +396,15 @@ mod tests {
         let a = d.path().join(segment_name(1));
         let ends = write_records(&a, 1, 6);
         let mut bytes = std::fs::read(&a).expect("read");
+        // Fewer zeros than a header: still the end, nothing cut.
+        let mut short = bytes.clone();
+        short.resize(bytes.len() + 5, 0);
+        std::fs::write(&a, &short).expect("write");
+        let (rep, _, next) = recover(d.path(), 0).expect("recover");
+        assert_eq!(
+            (next, rep.truncated_bytes, rep.cut.as_deref()),
+            (7, 0, None)
+        );
         bytes.resize(bytes.len() + 5000, 0);
         std::fs::write(&a, &bytes).expect("write");
         // Pre-filled zeros: nothing cut, the zeros stay for the writer to fill.
