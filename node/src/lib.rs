@@ -38,6 +38,49 @@ pub fn stdout_failed(e: std::io::Error) -> ! {
 pub mod bench;
 pub mod check;
 
+/// A loopback port free for both UDP and TCP now, for a child process to bind later.
+///
+/// Picked at random outside the kernel's ephemeral range (`ip_local_port_range`): outgoing
+/// connections take their source ports from that range, so one of them could take a port
+/// that the OS handed out with port 0 before the child binds it (a CI run lost a cluster to
+/// exactly that: "cannot bind 127.0.0.1:42093: Address already in use"). A port is never
+/// handed out twice by one process.
+pub fn free_loopback_port() -> std::io::Result<u16> {
+    use rand::Rng as _;
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let (lo, hi) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| {
+            let mut it = s.split_whitespace().map(|x| x.parse::<u16>().ok());
+            Some((it.next()??, it.next()??))
+        })
+        .unwrap_or((32768, 60999));
+    // Below the ephemeral range if it leaves room there, else above it.
+    let (from, to) = if lo > 11000 {
+        (10000, lo - 1)
+    } else {
+        (hi.saturating_add(1).max(1024), 65535)
+    };
+    let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+    let mut rng = rand::thread_rng();
+    for _ in 0..1000 {
+        let p = rng.gen_range(from..=to);
+        if given.contains(&p) {
+            continue;
+        }
+        if std::net::UdpSocket::bind(("127.0.0.1", p)).is_ok()
+            && std::net::TcpListener::bind(("127.0.0.1", p)).is_ok()
+        {
+            given.push(p);
+            return Ok(p);
+        }
+    }
+    Err(std::io::Error::new(
+        std::io::ErrorKind::AddrInUse,
+        format!("no free loopback port in {from}..={to}"),
+    ))
+}
+
 use dsys_runtime::{plugin_factory, PluginFactory};
 
 /// Every plugin a node runs, in start order.

@@ -4,7 +4,7 @@
 //! errors and Ctrl-C.
 
 use std::fs::OpenOptions;
-use std::net::{SocketAddr, UdpSocket};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
@@ -66,15 +66,7 @@ pub(crate) struct LocalCluster {
 }
 
 fn free_port() -> anyhow::Result<u16> {
-    // UDP (gossip) and TCP/QUIC share numbers but not spaces: a port free for both.
-    for _ in 0..100 {
-        let u = UdpSocket::bind("127.0.0.1:0")?;
-        let p = u.local_addr()?.port();
-        if std::net::TcpListener::bind(("127.0.0.1", p)).is_ok() {
-            return Ok(p);
-        }
-    }
-    bail!("no free port found on 127.0.0.1")
+    crate::free_loopback_port().context("picking a port for a node")
 }
 
 impl LocalCluster {

@@ -2,7 +2,7 @@
 //! ports, killed (SIGKILL) and reaped on drop.
 #![allow(dead_code)]
 
-use std::net::{SocketAddr, UdpSocket};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -25,14 +25,7 @@ impl Drop for Agents {
 }
 
 pub(crate) fn free_port() -> u16 {
-    // UDP and TCP ports are separate spaces; a port free for UDP is checked for TCP too.
-    loop {
-        let u = UdpSocket::bind("127.0.0.1:0").expect("bind");
-        let p = u.local_addr().expect("addr").port();
-        if std::net::TcpListener::bind(("127.0.0.1", p)).is_ok() {
-            return p;
-        }
-    }
+    dsys_node::free_loopback_port().expect("free port")
 }
 
 pub(crate) fn write_config(dir: &Path, n: usize) -> (PathBuf, Vec<SocketAddr>) {
