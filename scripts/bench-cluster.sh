@@ -9,7 +9,7 @@ BIN=${DSYS_BIN:-target/release/dsys}
 RUN=${DSYS_RUN_DIR:-run}
 ROUNDS=${1:-5}
 ms() { echo $(( ($(date +%s%N) - $1) / 1000000 )); }
-port_of() { awk -v n="[nodes.$1]" '$0==n{f=1;next} /^\[/{f=0} f&&/^rpc_port/{print $3}' cluster.toml; }
+port_of() { scripts/cluster.sh port "$1"; }
 
 echo "== idle RSS"
 for n in $(scripts/cluster.sh running); do

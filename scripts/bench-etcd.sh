@@ -39,7 +39,8 @@ echo "== dsys: 3 nodes, kv N=3 W=2, 100% writes for $DUR at concurrency ${DSYS_B
 scripts/cluster.sh up 3 >/dev/null
 # Membership converges before every plugin has opened its store: wait (30 s at most) until a
 # write at W=2 succeeds through every node, so start-up refusals are not counted as errors.
-for port in $(grep -oE '^rpc_port *= *[0-9]+' cluster.toml | grep -oE '[0-9]+$' | head -3); do
+for n in n1 n2 n3; do
+  port=$(scripts/cluster.sh port "$n")
   for i in $(seq 150); do
     "$BIN" --endpoints "127.0.0.1:$port" kv put bench-ready 1 --w 2 >/dev/null 2>&1 && break
     [ "$i" -eq 150 ] && { echo "kv did not answer through 127.0.0.1:$port within 30 s" >&2; exit 1; }

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Local cluster control: up [N] | down | status | logs NODE [-f] | start NODE | restart NODE | kill NODE | pid NODE
+# Local cluster control: up [N] | down | status | logs NODE [-f] | start NODE | restart NODE | kill NODE | pid NODE | port NODE
 # Nodes come from cluster.toml (or $DSYS_CONFIG); pid files and logs live in run/ (git-ignored).
 # `down` and `kill` stop only processes this script started, checked by pid and command line.
 set -euo pipefail
@@ -111,6 +111,10 @@ MSG
   pid)
     [ -n "${2:-}" ] || die "pid NODE"
     pid_of "$2" || die "$2 is not running" ;;
+  port) # the node's RPC port, from the cluster file
+    [ -n "${2:-}" ] || die "port NODE"
+    p=$(awk -v n="[nodes.$2]" '$0==n{f=1;next} /^\[/{f=0} f&&/^rpc_port/{print $3}' "$CONFIG")
+    [ -n "$p" ] || die "$2 has no rpc_port in $CONFIG"; echo "$p" ;;
   running) running ;;
-  *) echo "usage: scripts/cluster.sh up [N] | down | status | logs NODE [-f] | start NODE | restart NODE | kill NODE | pid NODE | running" >&2; exit 2 ;;
+  *) echo "usage: scripts/cluster.sh up [N] | down | status | logs NODE [-f] | start NODE | restart NODE | kill NODE | pid NODE | port NODE | running" >&2; exit 2 ;;
 esac
