@@ -83,6 +83,18 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R, max: u32) -> Result<Vec
     Ok(body)
 }
 
+/// Read the one frame a stream carries and its end. Reading up to the end matters: a
+/// stream dropped before its FIN was read makes quinn send STOP_SENDING, one more frame
+/// (often one more packet) per request.
+async fn read_last_frame(recv: &mut quinn::RecvStream, max: u32) -> Result<Vec<u8>, RpcError> {
+    let body = read_frame(recv, max).await?;
+    match recv.read(&mut [0u8; 1]).await {
+        Ok(None) => Ok(body),
+        Ok(Some(_)) => Err(RpcError::Malformed("data after the frame".into())),
+        Err(e) => Err(io_err(e.into())),
+    }
+}
+
 fn io_err(e: std::io::Error) -> RpcError {
     // quinn surfaces TLS alerts (a refused certificate) as io errors on the first read/write.
     let s = e.to_string();
@@ -160,7 +172,7 @@ pub(crate) async fn roundtrip(
     let (mut send, mut recv) = conn.open_bi().await.map_err(conn_err)?;
     write_frame(&mut send, &body, max).await?;
     let _ = send.finish();
-    let resp = read_frame(&mut recv, max).await?;
+    let resp = read_last_frame(&mut recv, max).await?;
     codec::decode::<Result<Vec<u8>, RpcError>>(&resp)?
 }
 
@@ -378,7 +390,7 @@ impl Transport {
     ) {
         let max = self.opts.max_frame_bytes;
         let start = Instant::now();
-        let (plugin, result, peer) = match read_frame(&mut recv, max).await {
+        let (plugin, result, peer) = match read_last_frame(&mut recv, max).await {
             Err(e) => ("-".to_string(), Err(e), None),
             Ok(buf) => match codec::decode::<RpcRequest>(&buf) {
                 Err(e) => ("-".to_string(), Err(e.into()), None),
