@@ -340,10 +340,16 @@ fn usage(msg: impl Into<String>) -> Fail {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Cmd::Agent(a) = &cli.cmd {
+        // A node's share of the machine (see ClusterConfig::worker_threads). A config that
+        // does not load is reported by `agent` itself.
+        if let Ok(cfg) = ClusterConfig::load(&cli.config) {
+            let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+            builder.worker_threads(cfg.worker_threads(&a.node, cpus));
+        }
+    }
+    let rt = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: tokio runtime: {e}");
@@ -1030,6 +1036,10 @@ async fn agent(cli: &Cli, a: &AgentArgs) -> Result<u8, Fail> {
         cfg.cluster.certs_dir = c.clone();
     }
     cfg.validate().map_err(|e| usage(e.to_string()))?;
+    tracing::info!(
+        workers = tokio::runtime::Handle::current().metrics().num_workers(),
+        "async worker threads (cluster.worker_threads; 0 shares the CPUs among the nodes of a host)"
+    );
     let node = Node::start(NodeOptions {
         config: cfg,
         node_id: a.node.clone(),
