@@ -121,17 +121,26 @@ impl Ring {
 
     /// Up to `n` distinct members responsible for `key`, owner first.
     pub fn preference_list(&self, key: &[u8], n: usize) -> Vec<String> {
+        self.preference(key, n)
+            .into_iter()
+            .map(String::from)
+            .collect()
+    }
+
+    /// [`Ring::preference_list`] borrowing the names (one allocation instead of `n + 1`, for
+    /// per-key hot paths).
+    pub fn preference(&self, key: &[u8], n: usize) -> Vec<&str> {
         let want = n.min(self.nodes.len());
-        let mut out: Vec<String> = Vec::with_capacity(want);
+        let mut out: Vec<&str> = Vec::with_capacity(want);
         if want == 0 {
             return out;
         }
         let start = self.start(hash_key(key));
         for k in 0..self.points.len() {
             let idx = self.points[(start + k) % self.points.len()].1 as usize;
-            let name = &self.nodes[idx];
-            if !out.contains(name) {
-                out.push(name.clone());
+            let name = self.nodes[idx].as_str();
+            if !out.contains(&name) {
+                out.push(name);
                 if out.len() == want {
                     break;
                 }

@@ -414,11 +414,8 @@ impl Inner {
     fn replicate(&self, ring: &Ring, items: Vec<ReplItem>) {
         let mut per_target: Vec<(String, Vec<ReplItem>)> = Vec::new();
         for item in items {
-            let targets: Vec<String> = ring
-                .preference_list(&item.key, 2)
-                .into_iter()
-                .filter(|t| t != self.me())
-                .collect();
+            let mut targets = ring.preference(&item.key, 2);
+            targets.retain(|t| *t != self.me());
             let n = targets.len();
             let mut item = Some(item);
             for (k, target) in targets.into_iter().enumerate() {
@@ -430,7 +427,7 @@ impl Inner {
                 let Some(it) = it else { break };
                 match per_target.iter_mut().find(|(t, _)| *t == target) {
                     Some((_, v)) => v.push(it),
-                    None => per_target.push((target, vec![it])),
+                    None => per_target.push((target.to_string(), vec![it])),
                 }
             }
         }

@@ -7,13 +7,15 @@
 //! and no buffer is reserved beyond what has actually arrived, so a client announcing a
 //! 4 GiB bulk string or a billion-element array costs nothing.
 
+use std::borrow::Cow;
+
 use serde::{Deserialize, Serialize};
 
 /// One RESP2 value.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Frame {
-    /// `+OK\r\n`
-    Simple(String),
+    /// `+OK\r\n` (borrowed for the fixed replies: `+OK` costs no allocation)
+    Simple(Cow<'static, str>),
     /// `-ERR ...\r\n`
     Error(String),
     /// `:42\r\n`
@@ -31,7 +33,7 @@ pub enum Frame {
 impl Frame {
     /// `+OK`.
     pub fn ok() -> Frame {
-        Frame::Simple("OK".into())
+        Frame::Simple(Cow::Borrowed("OK"))
     }
 
     /// An error reply; `msg` should start with an error code such as `ERR`.
@@ -152,7 +154,7 @@ fn parse_at(buf: &[u8], limits: &Limits, depth: usize) -> Parsed<Frame> {
             .map_err(|_| RespError::Protocol("invalid UTF-8 in a simple string".into()))
     };
     let frame = match tag {
-        b'+' => Frame::Simple(text()?),
+        b'+' => Frame::Simple(text()?.into()),
         b'-' => Frame::Error(text()?),
         b':' => {
             Frame::Integer(int(head).ok_or_else(|| RespError::Protocol("invalid integer".into()))?)
@@ -281,18 +283,24 @@ fn inline(buf: &[u8], limits: &Limits) -> Parsed<Vec<Vec<u8>>> {
 
 /// Append the encoding of `frame` to `out`.
 pub fn encode(frame: &Frame, out: &mut Vec<u8>) {
+    // Both helpers write straight into `out`: a reply costs no allocation of its own.
     fn header(out: &mut Vec<u8>, tag: u8, n: impl std::fmt::Display) {
+        use std::io::Write;
         out.push(tag);
-        out.extend_from_slice(n.to_string().as_bytes());
-        out.extend_from_slice(b"\r\n");
+        let _ = write!(out, "{n}\r\n");
     }
     // Simple strings and errors cannot carry CR or LF: replace them so the stream stays valid.
-    fn clean(s: &str) -> String {
-        s.replace(['\r', '\n'], " ")
+    fn line(out: &mut Vec<u8>, tag: u8, s: &str) {
+        out.push(tag);
+        out.extend(
+            s.bytes()
+                .map(|b| if b == b'\r' || b == b'\n' { b' ' } else { b }),
+        );
+        out.extend_from_slice(b"\r\n");
     }
     match frame {
-        Frame::Simple(s) => header(out, b'+', clean(s)),
-        Frame::Error(s) => header(out, b'-', clean(s)),
+        Frame::Simple(s) => line(out, b'+', s),
+        Frame::Error(s) => line(out, b'-', s),
         Frame::Integer(i) => header(out, b':', i),
         Frame::Bulk(b) => {
             header(out, b'$', b.len());
@@ -423,7 +431,7 @@ mod tests {
 
     fn arb_frame() -> impl Strategy<Value = Frame> {
         let leaf = prop_oneof![
-            "[a-zA-Z0-9 ]{0,20}".prop_map(Frame::Simple),
+            "[a-zA-Z0-9 ]{0,20}".prop_map(|s| Frame::Simple(s.into())),
             "[a-zA-Z0-9 ]{0,20}".prop_map(Frame::Error),
             any::<i64>().prop_map(Frame::Integer),
             proptest::collection::vec(any::<u8>(), 0..64).prop_map(Frame::Bulk),
