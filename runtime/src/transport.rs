@@ -83,15 +83,17 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R, max: u32) -> Result<Vec
     Ok(body)
 }
 
-/// Read the one frame a stream carries and its end. Reading up to the end matters: a
-/// stream dropped before its FIN was read makes quinn send STOP_SENDING, one more frame
-/// (often one more packet) per request.
+/// Read the one frame a stream carries, and its end when that is already here (it almost
+/// always arrives in the frame's last packet). Reading the end matters: a stream dropped
+/// before its FIN was read makes quinn send STOP_SENDING, one more frame (often one more
+/// packet) per request. A FIN still on its way is not waited for: the frame is complete,
+/// and a peer that dies right after sending it must not turn an answer into a timeout.
 async fn read_last_frame(recv: &mut quinn::RecvStream, max: u32) -> Result<Vec<u8>, RpcError> {
+    use futures_util::FutureExt;
     let body = read_frame(recv, max).await?;
-    match recv.read(&mut [0u8; 1]).await {
-        Ok(None) => Ok(body),
-        Ok(Some(_)) => Err(RpcError::Malformed("data after the frame".into())),
-        Err(e) => Err(io_err(e.into())),
+    match recv.read(&mut [0u8; 1]).now_or_never() {
+        Some(Ok(Some(_))) => Err(RpcError::Malformed("data after the frame".into())),
+        _ => Ok(body),
     }
 }
 
