@@ -1345,7 +1345,11 @@ mod tests {
         let st = w.stats();
         assert_eq!(st.records, 640);
         assert!(st.fsyncs < 640, "group commit batched: {st:?}");
-        assert_eq!(st.fsyncs, st.batches);
+        // A relay thread skips its fsync when the other thread's later fsync of the same
+        // file already covered its batch, so there may be fewer fsyncs than batches, never
+        // more, and everything acknowledged is durable.
+        assert!(st.fsyncs <= st.batches, "{st:?}");
+        assert_eq!(st.durable_lsn, 640, "{st:?}");
         // Each writer's records are in its own order.
         let recs = all(&w, 0);
         for t in 0..32u8 {
