@@ -12,13 +12,13 @@
 //! closest to expiry, and `noeviction` refuses the write with an OOM error.
 
 use indexmap::{IndexMap, IndexSet};
+use serde::{Deserialize, Serialize};
 use smallvec::SmallVec;
 
 /// A key as the store holds it: up to 24 bytes inline, so a lookup compares the key in the
 /// map's own entry instead of following a pointer to a separate allocation (one cache miss
 /// less per lookup on a large map, and no allocation per short key).
 type Key = SmallVec<[u8; 24]>;
-use serde::{Deserialize, Serialize};
 
 /// Bytes counted per entry besides its key and value (map slots, metadata).
 pub const ENTRY_OVERHEAD: usize = 64;
