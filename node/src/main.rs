@@ -341,13 +341,17 @@ fn usage(msg: impl Into<String>) -> Fail {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let mut builder = tokio::runtime::Builder::new_multi_thread();
+    // An agent's config is read once, here: it sizes the runtime (a node's share of the
+    // machine, see ClusterConfig::worker_threads) and then starts the node. A config that
+    // does not load is reported by `agent` itself.
+    let mut agent_cfg = None;
     if let Cmd::Agent(a) = &cli.cmd {
-        // A node's share of the machine (see ClusterConfig::worker_threads). A config that
-        // does not load is reported by `agent` itself.
-        if let Ok(cfg) = ClusterConfig::load(&cli.config) {
+        let cfg = load_config(&cli.config);
+        if let Ok(cfg) = &cfg {
             let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
             builder.worker_threads(cfg.worker_threads(&a.node, cpus));
         }
+        agent_cfg = Some(cfg);
     }
     let rt = match builder.enable_all().build() {
         Ok(rt) => rt,
@@ -356,7 +360,7 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match rt.block_on(run(cli)) {
+    match rt.block_on(run(cli, agent_cfg)) {
         Ok(code) => ExitCode::from(code),
         Err(Fail(code, msg)) => {
             eprintln!("error: {msg}");
@@ -369,9 +373,12 @@ fn load_config(path: &Path) -> Result<ClusterConfig, Fail> {
     ClusterConfig::load(path).map_err(|e| usage(e.to_string()))
 }
 
-async fn run(cli: Cli) -> Result<u8, Fail> {
+async fn run(cli: Cli, agent_cfg: Option<Result<ClusterConfig, Fail>>) -> Result<u8, Fail> {
     match &cli.cmd {
-        Cmd::Agent(a) => agent(&cli, a).await,
+        Cmd::Agent(a) => {
+            let cfg = agent_cfg.unwrap_or_else(|| load_config(&cli.config));
+            agent(&cli, a, cfg).await
+        }
         Cmd::Cluster(ClusterCmd::Init { force }) => {
             let cfg = load_config(&cli.config)?;
             let dir = cli.certs.clone().unwrap_or(cfg.cluster.certs_dir.clone());
@@ -1002,7 +1009,7 @@ async fn chaos(cli: &Cli, c: &ChaosCmd) -> Result<u8, Fail> {
     })
 }
 
-async fn agent(cli: &Cli, a: &AgentArgs) -> Result<u8, Fail> {
+async fn agent(cli: &Cli, a: &AgentArgs, cfg: Result<ClusterConfig, Fail>) -> Result<u8, Fail> {
     // Before anything slow: the starter may die while the node is still starting.
     let parent = std::os::unix::process::parent_id();
     let filter =
@@ -1011,7 +1018,7 @@ async fn agent(cli: &Cli, a: &AgentArgs) -> Result<u8, Fail> {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .try_init();
-    let mut cfg = load_config(&cli.config)?;
+    let mut cfg = cfg?;
     let node = cfg.nodes.get_mut(&a.node).ok_or_else(|| {
         usage(format!(
             "config: field `--node`: unknown node `{}`; {} has {}",
