@@ -7,7 +7,7 @@
 #![warn(missing_docs, unreachable_pub)]
 
 mod client;
-mod codec;
+pub mod codec;
 mod config;
 mod dashboard;
 mod faults;

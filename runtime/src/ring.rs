@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
+use smallvec::SmallVec;
 
 /// The ring's hash of a key (stable across processes and versions).
 pub fn hash_key(key: &[u8]) -> u64 {
@@ -127,18 +128,18 @@ impl Ring {
             .collect()
     }
 
-    /// [`Ring::preference_list`] borrowing the names (one allocation instead of `n + 1`, for
-    /// per-key hot paths).
-    pub fn preference(&self, key: &[u8], n: usize) -> Vec<&str> {
+    /// [`Ring::preference_list`] borrowing the names, on the stack for up to 4 (no
+    /// allocation: per-key hot paths call it).
+    pub fn preference(&self, key: &[u8], n: usize) -> SmallVec<[&str; 4]> {
         let want = n.min(self.nodes.len());
-        let mut out: Vec<&str> = Vec::with_capacity(want);
+        let mut out: SmallVec<[&str; 4]> = SmallVec::new();
         if want == 0 {
             return out;
         }
         let start = self.start(hash_key(key));
-        for k in 0..self.points.len() {
-            let idx = self.points[(start + k) % self.points.len()].1 as usize;
-            let name = self.nodes[idx].as_str();
+        let (tail, head) = self.points.split_at(start);
+        for &(_, idx) in head.iter().chain(tail) {
+            let name = self.nodes[idx as usize].as_str();
             if !out.contains(&name) {
                 out.push(name);
                 if out.len() == want {

@@ -82,6 +82,7 @@ pub struct RpcRequest {
     /// W3C trace context.
     pub traceparent: String,
     /// The plugin's encoded request.
+    #[serde(with = "crate::codec::bytes")]
     pub body: Vec<u8>,
 }
 

@@ -175,7 +175,7 @@ pub(crate) async fn roundtrip(
     write_frame(&mut send, &body, max).await?;
     let _ = send.finish();
     let resp = read_last_frame(&mut recv, max).await?;
-    codec::decode::<Result<Vec<u8>, RpcError>>(&resp)?
+    codec::decode::<Result<codec::ByteBuf, RpcError>>(&resp)?.map(|b| b.0)
 }
 
 /// A node's QUIC endpoint: serves requests and sends them to peers.
@@ -459,7 +459,7 @@ impl Transport {
             }),
             r => r,
         };
-        if let Ok(bytes) = codec::encode(&result) {
+        if let Ok(bytes) = codec::encode(&result.map(codec::ByteBuf)) {
             let _ = write_frame(&mut send, &bytes, max).await;
         }
         let _ = send.finish();

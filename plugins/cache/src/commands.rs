@@ -4,6 +4,8 @@
 //! [`route`] (single-key commands go to the key's owner, multi-key ones are split by the
 //! caller with [`split`] and their partial replies merged with [`merge`]).
 
+use smallvec::SmallVec;
+
 use crate::resp::Frame;
 use crate::store::{SetOptions, Store, StoreError, Ttl};
 
@@ -22,27 +24,29 @@ pub struct Env {
 
 /// The result of one command.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Outcome {
+pub struct Outcome<'a> {
     /// The reply to send.
     pub reply: Frame,
-    /// Keys whose state changed (to replicate).
-    pub written: Vec<Vec<u8>>,
+    /// Keys whose state changed (to replicate), borrowed from the command.
+    pub written: SmallVec<[&'a [u8]; 2]>,
     /// Close the connection after the reply (QUIT).
     pub quit: bool,
 }
 
-impl Outcome {
-    fn reply(reply: Frame) -> Outcome {
+impl<'a> Outcome<'a> {
+    fn reply(reply: Frame) -> Outcome<'a> {
         Outcome {
             reply,
-            written: Vec::new(),
+            written: SmallVec::new(),
             quit: false,
         }
     }
-    fn wrote(reply: Frame, key: &[u8]) -> Outcome {
+    fn wrote(reply: Frame, key: &'a [u8]) -> Outcome<'a> {
+        let mut written = SmallVec::new();
+        written.push(key);
         Outcome {
             reply,
-            written: vec![key.to_vec()],
+            written,
             quit: false,
         }
     }
@@ -60,7 +64,7 @@ pub enum Route<'a> {
 }
 
 /// Upper-cased command name.
-pub fn name(cmd: &[Vec<u8>]) -> String {
+pub fn name(cmd: &[&[u8]]) -> String {
     cmd.first()
         .map(|n| String::from_utf8_lossy(n).to_ascii_uppercase())
         .unwrap_or_default()
@@ -75,9 +79,9 @@ pub(crate) struct Name {
 }
 
 impl Name {
-    pub(crate) fn of(cmd: &[Vec<u8>]) -> Name {
+    pub(crate) fn of(cmd: &[&[u8]]) -> Name {
         let mut buf = [0u8; 16];
-        let raw = cmd.first().map(Vec::as_slice).unwrap_or_default();
+        let raw = cmd.first().copied().unwrap_or_default();
         if raw.len() > buf.len() {
             return Name { buf, len: 0 };
         }
@@ -128,12 +132,12 @@ fn arity_ok(n: usize, arity: i32) -> bool {
 }
 
 /// Where `cmd` runs.
-pub fn route(cmd: &[Vec<u8>]) -> Route<'_> {
+pub fn route<'a>(cmd: &[&'a [u8]]) -> Route<'a> {
     let name = Name::of(cmd);
     let name = name.as_str();
     if let Some((_, arity)) = SINGLE_KEY.iter().find(|(n, _)| *n == name) {
         if arity_ok(cmd.len(), *arity) {
-            return Route::Key(&cmd[1]);
+            return Route::Key(cmd[1]);
         }
         return Route::Local;
     }
@@ -146,21 +150,21 @@ pub fn route(cmd: &[Vec<u8>]) -> Route<'_> {
 
 /// The keys of a multi-key command, each with the arguments that go with it (MSET: the
 /// value).
-pub fn split(cmd: &[Vec<u8>]) -> Vec<(Vec<u8>, Vec<Vec<u8>>)> {
+pub fn split<'c, 'a>(cmd: &'c [&'a [u8]]) -> Vec<(&'a [u8], &'c [&'a [u8]])> {
     let rest = cmd.get(1..).unwrap_or_default();
     if Name::of(cmd).as_str() == "MSET" {
         rest.chunks(2)
             .filter(|c| c.len() == 2)
-            .map(|c| (c[0].clone(), c.to_vec()))
+            .map(|c| (c[0], c))
             .collect()
     } else {
-        rest.iter().map(|k| (k.clone(), vec![k.clone()])).collect()
+        rest.iter().map(|k| (*k, std::slice::from_ref(k))).collect()
     }
 }
 
 /// Merge the replies of the parts of a multi-key command. `parts` holds, for each
 /// sub-command sent, the positions (in key order) of its keys and its reply.
-pub fn merge(cmd: &[Vec<u8>], nkeys: usize, parts: Vec<(Vec<usize>, Frame)>) -> Frame {
+pub fn merge(cmd: &[&[u8]], nkeys: usize, parts: Vec<(Vec<usize>, Frame)>) -> Frame {
     let name = Name::of(cmd);
     if let Some((_, Frame::Error(e))) = parts.iter().find(|(_, f)| matches!(f, Frame::Error(_))) {
         return Frame::Error(e.clone());
@@ -219,14 +223,14 @@ fn parse_i64(b: &[u8]) -> Option<i64> {
     s.parse().ok()
 }
 
-fn unknown(cmd: &[Vec<u8>]) -> Frame {
+fn unknown(cmd: &[&[u8]]) -> Frame {
     let mut args = String::new();
     for a in cmd.iter().skip(1).take(20) {
         let a = String::from_utf8_lossy(a);
         let a: String = a.chars().take(128).collect();
         args.push_str(&format!("'{a}' "));
     }
-    let n: String = String::from_utf8_lossy(cmd.first().map(Vec::as_slice).unwrap_or_default())
+    let n: String = String::from_utf8_lossy(cmd.first().copied().unwrap_or_default())
         .chars()
         .take(128)
         .collect();
@@ -236,7 +240,7 @@ fn unknown(cmd: &[Vec<u8>]) -> Frame {
 }
 
 /// Run `cmd` on `store` at time `now`.
-pub fn execute(store: &mut Store, cmd: &[Vec<u8>], now: u64, env: &Env) -> Outcome {
+pub fn execute<'a>(store: &mut Store, cmd: &[&'a [u8]], now: u64, env: &Env) -> Outcome<'a> {
     let name = Name::of(cmd);
     let name = name.as_str();
     if let Some((_, arity)) = SINGLE_KEY.iter().find(|(n, _)| *n == name) {
@@ -252,8 +256,8 @@ pub fn execute(store: &mut Store, cmd: &[Vec<u8>], now: u64, env: &Env) -> Outco
 }
 
 /// Single-key string commands.
-fn strings(store: &mut Store, name: &str, cmd: &[Vec<u8>], now: u64) -> Outcome {
-    let key = &cmd[1];
+fn strings<'a>(store: &mut Store, name: &str, cmd: &[&'a [u8]], now: u64) -> Outcome<'a> {
+    let key = cmd[1];
     match name {
         "GET" => Outcome::reply(store.get(key, now).map(Frame::Bulk).unwrap_or(Frame::Null)),
         "GETDEL" => match store.getdel(key, now) {
@@ -266,7 +270,7 @@ fn strings(store: &mut Store, name: &str, cmd: &[Vec<u8>], now: u64) -> Outcome 
                 nx: true,
                 ..Default::default()
             };
-            match store.set(key, cmd[2].clone(), opts, now) {
+            match store.set(key, cmd[2].to_vec(), opts, now) {
                 Ok(o) if o.written => Outcome::wrote(Frame::Integer(1), key),
                 Ok(_) => Outcome::reply(Frame::Integer(0)),
                 Err(e) => Outcome::reply(store_err(e)),
@@ -286,7 +290,7 @@ fn strings(store: &mut Store, name: &str, cmd: &[Vec<u8>], now: u64) -> Outcome 
                         expire_at: Some(at),
                         ..Default::default()
                     };
-                    match store.set(key, cmd[3].clone(), opts, now) {
+                    match store.set(key, cmd[3].to_vec(), opts, now) {
                         Ok(_) => Outcome::wrote(Frame::ok(), key),
                         Err(e) => Outcome::reply(store_err(e)),
                     }
@@ -347,8 +351,8 @@ fn expire_err(name: &str) -> Frame {
 }
 
 /// SET key value [NX|XX] [GET] [EX s|PX ms|EXAT s|PXAT ms|KEEPTTL]
-fn set(store: &mut Store, cmd: &[Vec<u8>], now: u64) -> Outcome {
-    let key = &cmd[1];
+fn set<'a>(store: &mut Store, cmd: &[&'a [u8]], now: u64) -> Outcome<'a> {
+    let key = cmd[1];
     let mut opts = SetOptions::default();
     let mut get = false;
     let mut expiry_given = false;
@@ -391,7 +395,7 @@ fn set(store: &mut Store, cmd: &[Vec<u8>], now: u64) -> Outcome {
         }
         i += 1;
     }
-    match store.set(key, cmd[2].clone(), opts, now) {
+    match store.set(key, cmd[2].to_vec(), opts, now) {
         Err(e) => Outcome::reply(store_err(e)),
         Ok(o) => {
             let reply = match (get, o.written) {
@@ -409,8 +413,8 @@ fn set(store: &mut Store, cmd: &[Vec<u8>], now: u64) -> Outcome {
 }
 
 /// EXPIRE key seconds [NX|XX|GT|LT] and friends.
-fn expire(store: &mut Store, name: &str, cmd: &[Vec<u8>], now: u64) -> Outcome {
-    let key = &cmd[1];
+fn expire<'a>(store: &mut Store, name: &str, cmd: &[&'a [u8]], now: u64) -> Outcome<'a> {
+    let key = cmd[1];
     let Some(n) = parse_i64(&cmd[2]) else {
         return Outcome::reply(not_int());
     };
@@ -449,7 +453,7 @@ fn expire(store: &mut Store, name: &str, cmd: &[Vec<u8>], now: u64) -> Outcome {
 }
 
 /// MGET, MSET, DEL, EXISTS, DBSIZE on this node's store only (the caller splits by owner).
-fn keys(store: &mut Store, name: &str, cmd: &[Vec<u8>], now: u64) -> Outcome {
+fn keys<'a>(store: &mut Store, name: &str, cmd: &[&'a [u8]], now: u64) -> Outcome<'a> {
     let args = &cmd[1..];
     match name {
         "DBSIZE" if args.is_empty() => Outcome::reply(Frame::Integer(store.len() as i64)),
@@ -459,16 +463,16 @@ fn keys(store: &mut Store, name: &str, cmd: &[Vec<u8>], now: u64) -> Outcome {
                 .collect(),
         )),
         "MSET" if !args.is_empty() && args.len().is_multiple_of(2) => {
-            let mut written = Vec::new();
+            let mut written = SmallVec::new();
             for kv in args.chunks(2) {
-                if let Err(e) = store.set(&kv[0], kv[1].clone(), SetOptions::default(), now) {
+                if let Err(e) = store.set(kv[0], kv[1].to_vec(), SetOptions::default(), now) {
                     return Outcome {
                         reply: store_err(e),
                         written,
                         quit: false,
                     };
                 }
-                written.push(kv[0].clone());
+                written.push(kv[0]);
             }
             Outcome {
                 reply: Frame::ok(),
@@ -477,8 +481,8 @@ fn keys(store: &mut Store, name: &str, cmd: &[Vec<u8>], now: u64) -> Outcome {
             }
         }
         "DEL" | "UNLINK" if !args.is_empty() => {
-            let written: Vec<Vec<u8>> =
-                args.iter().filter(|k| store.del(k, now)).cloned().collect();
+            let written: SmallVec<[&[u8]; 2]> =
+                args.iter().filter(|k| store.del(k, now)).copied().collect();
             Outcome {
                 reply: Frame::Integer(written.len() as i64),
                 written,
@@ -492,23 +496,23 @@ fn keys(store: &mut Store, name: &str, cmd: &[Vec<u8>], now: u64) -> Outcome {
     }
 }
 
-fn arg_upper(cmd: &[Vec<u8>], i: usize) -> String {
+fn arg_upper(cmd: &[&[u8]], i: usize) -> String {
     cmd.get(i)
         .map(|a| String::from_utf8_lossy(a).to_ascii_uppercase())
         .unwrap_or_default()
 }
 
 /// Connection and server commands.
-fn server(store: &mut Store, name: &str, cmd: &[Vec<u8>], env: &Env) -> Outcome {
+fn server<'a>(store: &mut Store, name: &str, cmd: &[&'a [u8]], env: &Env) -> Outcome<'a> {
     let n = cmd.len();
     let reply = match name {
         "PING" if n == 1 => Frame::Simple("PONG".into()),
-        "PING" if n == 2 => Frame::Bulk(cmd[1].clone()),
-        "ECHO" if n == 2 => Frame::Bulk(cmd[1].clone()),
+        "PING" if n == 2 => Frame::Bulk(cmd[1].to_vec()),
+        "ECHO" if n == 2 => Frame::Bulk(cmd[1].to_vec()),
         "QUIT" => {
             return Outcome {
                 reply: Frame::ok(),
-                written: Vec::new(),
+                written: SmallVec::new(),
                 quit: true,
             }
         }
@@ -558,7 +562,7 @@ fn glob(pattern: &[u8], s: &[u8]) -> bool {
     }
 }
 
-fn config_get(store: &Store, patterns: &[Vec<u8>]) -> Frame {
+fn config_get(store: &Store, patterns: &[&[u8]]) -> Frame {
     let cfg = store.config();
     let params: [(&str, String); 6] = [
         ("save", String::new()),
@@ -640,8 +644,8 @@ mod tests {
         }
     }
 
-    fn words(s: &str) -> Vec<Vec<u8>> {
-        s.split(' ').map(|w| w.as_bytes().to_vec()).collect()
+    fn words(s: &str) -> Vec<&[u8]> {
+        s.split(' ').map(str::as_bytes).collect()
     }
 
     /// Scripts of (command, expected reply) run in order on one store, at time 1000 + step.
@@ -756,10 +760,11 @@ mod tests {
             ..StoreConfig::default()
         });
         let out = execute(&mut s, &words("SET a 1"), 0, &env());
-        assert_eq!(out.written, vec![b"a".to_vec()]);
+        assert_eq!(out.written.as_slice(), [&b"a"[..]]);
         let out = execute(&mut s, &words("GET a"), 0, &env());
         assert!(out.written.is_empty());
-        let big = vec![b"SET".to_vec(), b"b".to_vec(), vec![b'x'; 300]];
+        let value = vec![b'x'; 300];
+        let big: [&[u8]; 3] = [b"SET", b"b", &value];
         let out = execute(&mut s, &big, 0, &env());
         assert_eq!(
             out.reply,
@@ -776,7 +781,7 @@ mod tests {
         assert_eq!(route(&words("MSET a 1 b")), Route::Local);
         let cmd = words("MSET a 1 b 2");
         let parts = split(&cmd);
-        assert_eq!(parts[1], (b"b".to_vec(), words("b 2")));
+        assert_eq!(parts[1], (&b"b"[..], &words("b 2")[..]));
         let cmd = words("MGET a b c");
         let merged = merge(
             &cmd,

@@ -7,12 +7,16 @@
 //! forwards it with [`CacheRequest::Exec`]. A connection's pipelined commands are grouped per
 //! primary; each group is a job for that primary's forwarder, which gathers the jobs of all
 //! connections into one `Exec` while earlier ones are in flight (see `forward_loop`), and
-//! slices the in-order replies back. Multi-key commands (MGET, MSET, DEL, EXISTS) are split
-//! by owner and their replies merged.
+//! slices the in-order replies back. Commands travel RESP-encoded, as the client sent them,
+//! and replies come back RESP-encoded, as the client gets them: the forwarding node parses
+//! arguments in place (borrowed from its read buffer) to find the owner, and copies the
+//! owner's replies to the client without decoding them. Multi-key commands (MGET, MSET,
+//! DEL, EXISTS) are split by owner and their replies merged.
 //!
 //! Replication is asynchronous, like Redis': after applying a write the primary queues the
-//! new state of each written key for the replica; one ordered queue and sender task per
-//! target node ship batches with [`CacheRequest::Replicate`]. A write acknowledged to the
+//! new state of each written key for the replica, packed into a flat [`ReplBatch`]; one
+//! ordered queue and sender task per target node ship batches with
+//! [`CacheRequest::Replicate`]. A write acknowledged to the
 //! client can therefore be lost if the primary dies before its batch left (the window is one
 //! network round trip under load). When the primary does not answer, each command goes to
 //! its key's replica, which serves it from its copy (and, once gossip declares the primary
@@ -27,6 +31,7 @@ mod resp;
 mod store;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
@@ -34,6 +39,7 @@ use std::time::Duration;
 use dsys_plugin_kv::{KvApi, KvRequest, KvResponse};
 use dsys_runtime::{Caller, Metrics, Plugin, PluginContext, Ring, RpcError};
 use serde::{Deserialize, Serialize};
+use smallvec::SmallVec;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
@@ -41,12 +47,12 @@ use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use commands::Name;
 
 pub use api::{
-    CacheApi, CacheCommand, CacheRequest, CacheResponse, CacheStats, ReplItem, MAX_BATCH,
-    MAX_KEY_BYTES,
+    CacheApi, CacheCommand, CacheRequest, CacheResponse, CacheStats, ReplBatch, ReplItem,
+    MAX_BATCH, MAX_KEY_BYTES,
 };
 pub use commands::{execute, info, merge, name as command_name, route, split, Env, Outcome, Route};
 pub use resp::{
-    encode, encode_command, parse_command, parse_frame, Frame, Limits, RespError,
+    encode, encode_command, frame_len, parse_command, parse_frame, Args, Frame, Limits, RespError,
     DEFAULT_MAX_ARRAY, DEFAULT_MAX_BULK, DEFAULT_MAX_LINE,
 };
 pub use store::{
@@ -209,30 +215,183 @@ fn matches_prefix(prefixes: &[String], key: &[u8]) -> bool {
 /// A group of keys that go to the same primary and fall back to the same replica.
 type Target = (String, Option<String>);
 
-/// Commands waiting to be sent, per primary, with their positions in the pipeline.
-type Pending<'r> = BTreeMap<&'r str, (Vec<usize>, Vec<Vec<Vec<u8>>>)>;
+/// Keys written by one command, borrowed from it.
+type Written<'a> = SmallVec<[&'a [u8]; 2]>;
+
+/// Replies, RESP-encoded one after the other in a shared buffer: `ranges[i]` is the i-th.
+/// Replies relayed from another node stay in the buffer they arrived in until they are
+/// copied to the client.
+#[derive(Debug, Clone)]
+struct Encoded {
+    buf: Arc<Vec<u8>>,
+    ranges: Vec<Range<usize>>,
+}
+
+impl Encoded {
+    fn frames(frames: impl IntoIterator<Item = Frame>) -> Encoded {
+        let mut buf = Vec::new();
+        let mut ranges = Vec::new();
+        for f in frames {
+            let start = buf.len();
+            encode(&f, &mut buf);
+            ranges.push(start..buf.len());
+        }
+        Encoded {
+            buf: Arc::new(buf),
+            ranges,
+        }
+    }
+
+    fn errors(msg: &str, n: usize) -> Encoded {
+        Encoded::frames(std::iter::repeat_n(Frame::err(msg), n))
+    }
+
+    /// Delimit the `count` replies another node sent; refused unless `buf` holds exactly
+    /// that many well-formed frames.
+    fn split(buf: Vec<u8>, count: usize, limits: &Limits) -> Result<Encoded, String> {
+        let mut ranges = Vec::with_capacity(count.min(buf.len() / 3 + 1));
+        let mut at = 0;
+        for _ in 0..count {
+            match frame_len(&buf[at..], limits) {
+                Ok(Some(n)) => {
+                    ranges.push(at..at + n);
+                    at += n;
+                }
+                Ok(None) => return Err("truncated replies".into()),
+                Err(e) => return Err(format!("malformed replies: {e}")),
+            }
+        }
+        if at != buf.len() {
+            return Err(format!("{} bytes after the replies", buf.len() - at));
+        }
+        Ok(Encoded {
+            buf: Arc::new(buf),
+            ranges,
+        })
+    }
+
+    /// The replies `at..at + n`, sharing the buffer.
+    fn slice(&self, at: usize, n: usize) -> Encoded {
+        match self.ranges.get(at..at.saturating_add(n)) {
+            Some(r) => Encoded {
+                buf: self.buf.clone(),
+                ranges: r.to_vec(),
+            },
+            None => Encoded::errors("ERR internal: missing reply", n),
+        }
+    }
+
+    fn get(&self, i: usize) -> &[u8] {
+        self.ranges
+            .get(i)
+            .and_then(|r| self.buf.get(r.clone()))
+            .unwrap_or(b"-ERR internal: missing reply\r\n")
+    }
+
+    fn frame(&self, i: usize, limits: &Limits) -> Frame {
+        match parse_frame(self.get(i), limits) {
+            Ok(Some((f, _))) => f,
+            _ => Frame::err("ERR internal: unreadable reply"),
+        }
+    }
+}
+
+/// Commands bound for one node, in order: the commands themselves when that node is this
+/// one, or their RESP encoding when it is another (to be forwarded).
+struct Group<'r, 'a> {
+    node: &'r str,
+    local: bool,
+    count: usize,
+    cmds: Vec<Args<'a>>,
+    wire: Vec<u8>,
+}
+
+impl<'r, 'a> Group<'r, 'a> {
+    fn new(node: &'r str, me: &str) -> Self {
+        Group {
+            node,
+            local: node == me,
+            count: 0,
+            cmds: Vec::new(),
+            // Room for a round of small commands without regrowing.
+            wire: if node == me {
+                Vec::new()
+            } else {
+                Vec::with_capacity(1024)
+            },
+        }
+    }
+
+    fn push(&mut self, cmd: &[&'a [u8]]) {
+        self.count += 1;
+        if self.local {
+            self.cmds.push(Args::from_slice(cmd));
+        } else {
+            encode_command(cmd, &mut self.wire);
+        }
+    }
+}
 
 /// Commands of one connection's round bound for one primary, waiting in that primary's
 /// forwarder to be sent in a batch with other connections' jobs (see `forward_loop`).
 struct Job {
-    cmds: Vec<Vec<Vec<u8>>>,
-    bytes: usize,
-    reply_tx: oneshot::Sender<Vec<Frame>>,
+    /// `count` RESP-encoded commands.
+    cmds: Vec<u8>,
+    count: usize,
+    reply_tx: oneshot::Sender<Encoded>,
 }
 
-/// Approximate encoded size of commands (arguments and their length prefixes).
-fn cmds_bytes(cmds: &[Vec<Vec<u8>>]) -> usize {
-    cmds.iter()
-        .flat_map(|c| c.iter())
-        .map(|a| a.len() + 8)
-        .sum()
-}
-
-/// The queue of replication items bound for one node (see [`spawn_replicator`]).
+/// The queue of replication batches bound for one node (see [`spawn_replicator`]).
 struct ReplQueue {
-    tx: mpsc::UnboundedSender<Vec<ReplItem>>,
+    tx: mpsc::UnboundedSender<ReplBatch>,
     /// Items queued and not yet taken into a batch (bounded by [`REPL_QUEUE`]).
     queued: Arc<AtomicUsize>,
+}
+
+/// Replication items sorted by the node they go to, packed as they are produced; each
+/// batch stays within [`MAX_BATCH`] items and about [`BATCH_BYTES`].
+#[derive(Default)]
+struct ReplOut<'r> {
+    per_target: Vec<(&'r str, Vec<ReplBatch>)>,
+}
+
+impl<'r> ReplOut<'r> {
+    /// Queue `item` for `target`.
+    fn push(&mut self, target: &'r str, item: ReplItem<'_>) {
+        let k = match self.per_target.iter().position(|(t, _)| *t == target) {
+            Some(k) => k,
+            None => {
+                self.per_target.push((target, Vec::new()));
+                self.per_target.len() - 1
+            }
+        };
+        let batches = &mut self.per_target[k].1;
+        match batches.last_mut() {
+            Some(b) if b.len() < MAX_BATCH && b.bytes() < BATCH_BYTES => b.push(item),
+            _ => {
+                let mut b = ReplBatch::with_capacity(1024);
+                b.push(item);
+                batches.push(b);
+            }
+        }
+    }
+
+    /// Queue `item` for the other holders of its key in `ring`.
+    fn add(&mut self, ring: &'r Ring, me: &str, item: ReplItem<'_>) {
+        for target in ring.preference(item.key, 2) {
+            if target != me {
+                self.push(target, item);
+            }
+        }
+    }
+
+    fn items(&self) -> usize {
+        self.per_target
+            .iter()
+            .flat_map(|(_, b)| b.iter())
+            .map(ReplBatch::len)
+            .sum()
+    }
 }
 
 /// True when `ring` holds no node but `me`: every key is local, nothing to replicate.
@@ -258,12 +417,13 @@ impl Inner {
 
     /// Run commands on this node's store, in order, then apply the read-through and
     /// write-through rules of their keys' prefixes.
-    async fn exec_local(&self, cmds: &[Vec<Vec<u8>>]) -> Vec<(Frame, bool)> {
+    async fn exec_local<'a, C: AsRef<[&'a [u8]]>>(&self, cmds: &[C]) -> Vec<(Frame, bool)> {
         let mut out = self.exec_store(cmds);
         if self.cfg.read_through.is_empty() && self.cfg.write_through.is_empty() {
             return out.into_iter().map(|(f, q, _)| (f, q)).collect();
         }
         for (cmd, (reply, _, written)) in cmds.iter().zip(out.iter_mut()) {
+            let cmd = cmd.as_ref();
             if matches!(reply, Frame::Error(_)) {
                 continue;
             }
@@ -276,9 +436,9 @@ impl Inner {
             }
             if *reply == Frame::Null
                 && commands::name(cmd) == "GET"
-                && matches_prefix(&self.cfg.read_through, &cmd[1])
+                && matches_prefix(&self.cfg.read_through, cmd[1])
             {
-                if let Some(v) = self.kv_load(&cmd[1]).await {
+                if let Some(v) = self.kv_load(cmd[1]).await {
                     *reply = Frame::Bulk(v);
                 }
             }
@@ -293,9 +453,9 @@ impl Inner {
         let Ok(k) = std::str::from_utf8(key) else {
             return Err(RpcError::refused("write-through keys must be UTF-8"));
         };
-        let state = self.lock().peek(key, wall_ms());
+        let state = self.lock().peek(key, wall_ms()).map(|(v, _)| v.to_vec());
         let req = match state {
-            Some((value, _)) => KvRequest::Put {
+            Some(value) => KvRequest::Put {
                 key: k.to_string(),
                 value,
                 w: None,
@@ -308,15 +468,19 @@ impl Inner {
         let r = self.ctx.rpc.call::<KvApi>(self.me(), &req).await;
         if r.is_err() {
             self.lock().del(key, wall_ms());
-            self.replicate(
-                &self.ctx.ring(),
-                vec![ReplItem {
-                    key: key.to_vec(),
+            let ring = self.ctx.ring();
+            let mut out = ReplOut::default();
+            out.add(
+                &ring,
+                self.me(),
+                ReplItem {
+                    key,
                     value: None,
                     expire_at: None,
                     if_absent: false,
-                }],
+                },
             );
+            self.send_repl(out);
         }
         r.map(|_| ())
     }
@@ -345,23 +509,28 @@ impl Inner {
         if stored {
             self.loads.fetch_add(1, Ordering::Relaxed);
             if self.cfg.replicate {
-                self.replicate(
-                    &self.ctx.ring(),
-                    vec![ReplItem {
-                        key: key.to_vec(),
-                        value: Some(value.clone()),
+                let ring = self.ctx.ring();
+                let mut out = ReplOut::default();
+                out.add(
+                    &ring,
+                    self.me(),
+                    ReplItem {
+                        key,
+                        value: Some(&value),
                         expire_at,
                         if_absent: false,
-                    }],
+                    },
                 );
+                self.send_repl(out);
             }
         }
         Some(value)
     }
 
-    /// Run commands on this node's store, in order, and queue the written keys for their
-    /// other holder. Returns each reply, whether to close, and the keys written.
-    fn exec_store(&self, cmds: &[Vec<Vec<u8>>]) -> Vec<(Frame, bool, Vec<Vec<u8>>)> {
+    /// Run commands on this node's store, in order, and queue the new state of the keys
+    /// written for their other holder. Returns each reply, whether to close, and the keys
+    /// written.
+    fn exec_store<'a, C: AsRef<[&'a [u8]]>>(&self, cmds: &[C]) -> Vec<(Frame, bool, Written<'a>)> {
         let ring = self.ctx.ring();
         let env = Env {
             node_id: self.ctx.node_id.clone(),
@@ -373,84 +542,60 @@ impl Inner {
         let replicate = self.cfg.replicate && !alone(&ring, self.me());
         let now = wall_ms();
         let mut out = Vec::with_capacity(cmds.len());
-        let mut items = Vec::new();
+        let mut repl = ReplOut::default();
         {
             let mut store = self.lock();
-            // Only write-through needs the written keys afterwards; otherwise they move
-            // into the replication items.
-            let keep_written = !self.cfg.write_through.is_empty();
             for cmd in cmds {
-                let mut o = execute(&mut store, cmd, now, &env);
+                let o = execute(&mut store, cmd.as_ref(), now, &env);
                 if replicate {
-                    let written = if keep_written {
-                        o.written.clone()
-                    } else {
-                        std::mem::take(&mut o.written)
-                    };
-                    for key in written {
-                        let (value, expire_at) = match store.peek(&key, now) {
+                    for &key in &o.written {
+                        let (value, expire_at) = match store.peek(key, now) {
                             Some((v, t)) => (Some(v), t),
                             None => (None, None),
                         };
-                        items.push(ReplItem {
+                        let item = ReplItem {
                             key,
                             value,
                             expire_at,
                             if_absent: false,
-                        });
+                        };
+                        repl.add(&ring, self.me(), item);
                     }
                 }
                 out.push((o.reply, o.quit, o.written));
             }
         }
-        if !items.is_empty() {
-            self.replicate(&ring, items);
-        }
+        self.send_repl(repl);
         out
     }
 
-    /// Queue items for the other node(s) of each key's preference list in `ring`: one
-    /// batch per target node, one lock for all of them.
-    fn replicate(&self, ring: &Ring, items: Vec<ReplItem>) {
-        let mut per_target: Vec<(String, Vec<ReplItem>)> = Vec::new();
-        for item in items {
-            let mut targets = ring.preference(&item.key, 2);
-            targets.retain(|t| *t != self.me());
-            let n = targets.len();
-            let mut item = Some(item);
-            for (k, target) in targets.into_iter().enumerate() {
-                let it = if k + 1 == n {
-                    item.take()
-                } else {
-                    item.clone()
-                };
-                let Some(it) = it else { break };
-                match per_target.iter_mut().find(|(t, _)| *t == target) {
-                    Some((_, v)) => v.push(it),
-                    None => per_target.push((target.to_string(), vec![it])),
-                }
-            }
-        }
-        if per_target.is_empty() {
+    /// Put replication batches on their target's queue, one lock for all of them.
+    fn send_repl(&self, out: ReplOut<'_>) {
+        if out.per_target.is_empty() {
             return;
         }
         let mut queues = self.repl_tx.lock().unwrap_or_else(|p| p.into_inner());
-        for (target, batch) in per_target {
-            self.enqueue(&mut queues, target, batch);
+        for (target, batches) in out.per_target {
+            for b in batches {
+                self.enqueue(&mut queues, target, b);
+            }
         }
     }
 
     /// Put a batch on `target`'s replication queue (started on first use); count it as
     /// dropped when the queue is full.
-    fn enqueue(
-        &self,
-        queues: &mut HashMap<String, ReplQueue>,
-        target: String,
-        batch: Vec<ReplItem>,
-    ) {
-        let q = queues.entry(target.clone()).or_insert_with(|| {
-            spawn_replicator(self.ctx.rpc.clone(), target, self.repl_dropped.clone())
-        });
+    fn enqueue(&self, queues: &mut HashMap<String, ReplQueue>, target: &str, batch: ReplBatch) {
+        if !queues.contains_key(target) {
+            let q = spawn_replicator(
+                self.ctx.rpc.clone(),
+                target.to_string(),
+                self.repl_dropped.clone(),
+            );
+            queues.insert(target.to_string(), q);
+        }
+        let Some(q) = queues.get_mut(target) else {
+            return;
+        };
         let n = batch.len();
         if q.queued.load(Ordering::Relaxed) + n > REPL_QUEUE {
             self.repl_dropped.fetch_add(n as u64, Ordering::Relaxed);
@@ -509,30 +654,27 @@ impl Inner {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
             let now = wall_ms();
-            let mut per_target: Vec<(String, Vec<ReplItem>)> = Vec::new();
+            let mut out = ReplOut::default();
             {
                 let mut store = self.lock();
                 for key in chunk {
-                    let now_holders = new.preference_list(key, 2);
-                    let before = old.preference_list(key, 2);
-                    let keep = now_holders.iter().any(|n| n == me);
-                    let gained: Vec<&String> = now_holders
+                    let now_holders = new.preference(key, 2);
+                    let before = old.preference(key, 2);
+                    let keep = now_holders.contains(&me);
+                    let mut gained = now_holders
                         .iter()
-                        .filter(|n| *n != me && !before.contains(n))
-                        .collect();
-                    if !gained.is_empty() {
+                        .filter(|n| **n != me && !before.contains(n))
+                        .peekable();
+                    if gained.peek().is_some() {
                         if let Some((value, expire_at)) = store.peek(key, now) {
                             for t in gained {
                                 let item = ReplItem {
-                                    key: key.clone(),
-                                    value: Some(value.clone()),
+                                    key,
+                                    value: Some(value),
                                     expire_at,
                                     if_absent: true,
                                 };
-                                match per_target.iter_mut().find(|(n, _)| n == t) {
-                                    Some((_, v)) => v.push(item),
-                                    None => per_target.push((t.clone(), vec![item])),
-                                }
+                                out.push(t, item);
                             }
                         }
                     }
@@ -541,31 +683,28 @@ impl Inner {
                     }
                 }
             }
-            let n: usize = per_target.iter().map(|(_, v)| v.len()).sum();
-            self.handed_off.fetch_add(n as u64, Ordering::Relaxed);
-            let mut queues = self.repl_tx.lock().unwrap_or_else(|p| p.into_inner());
-            for (target, batch) in per_target {
-                self.enqueue(&mut queues, target, batch);
-            }
+            self.handed_off
+                .fetch_add(out.items() as u64, Ordering::Relaxed);
+            self.send_repl(out);
         }
     }
 
-    fn apply_replica(&self, items: Vec<ReplItem>) -> u64 {
+    fn apply_replica(&self, items: &[ReplItem<'_>]) -> u64 {
         let now = wall_ms();
         let mut store = self.lock();
         let mut n = 0;
         for it in items {
-            if it.if_absent && store.exists(&it.key, now) {
+            if it.if_absent && store.exists(it.key, now) {
                 continue;
             }
             match it.value {
                 Some(v) => {
-                    if store.put(&it.key, v, it.expire_at, now).is_ok() {
+                    if store.put(it.key, v.to_vec(), it.expire_at, now).is_ok() {
                         n += 1;
                     }
                 }
                 None => {
-                    store.del(&it.key, now);
+                    store.del(it.key, now);
                     n += 1;
                 }
             }
@@ -596,58 +735,77 @@ impl Inner {
     /// its replies. When the primary does not answer, each command goes to its key's
     /// replica instead (see [`Inner::fail_over`]).
     async fn send_jobs(self: Arc<Self>, primary: String, jobs: Vec<Job>) {
-        let total: usize = jobs.iter().map(|j| j.cmds.len()).sum();
-        let mut cmds = Vec::with_capacity(total);
+        let total: usize = jobs.iter().map(|j| j.count).sum();
+        let bytes: usize = jobs.iter().map(|j| j.cmds.len()).sum();
+        let mut cmds = Vec::new();
         let mut metas = Vec::with_capacity(jobs.len());
         for j in jobs {
-            metas.push((j.cmds.len(), j.reply_tx));
-            cmds.extend(j.cmds);
+            metas.push((j.count, j.reply_tx));
+            if cmds.is_empty() {
+                // The first job's buffer becomes the batch's.
+                cmds = j.cmds;
+                cmds.reserve(bytes - cmds.len());
+            } else {
+                cmds.extend_from_slice(&j.cmds);
+            }
         }
         let req = CacheRequest::Exec {
             cmds,
+            count: total as u32,
             replica: false,
         };
         let replies = match self.ctx.rpc.call::<CacheApi>(&primary, &req).await {
-            Ok(CacheResponse::Replies(r)) if r.len() == total => r,
-            other => {
-                let err = match other {
-                    Ok(_) => "unexpected answer".to_string(),
-                    Err(e) => e.to_string(),
-                };
+            Ok(CacheResponse::Replies { resp, count }) if count as usize == total => {
+                Encoded::split(resp, total, &self.limits)
+            }
+            Ok(_) => Err("unexpected answer".to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        let replies = match replies {
+            Ok(r) => r,
+            Err(err) => {
                 let CacheRequest::Exec { cmds, .. } = req else {
                     return;
                 };
-                self.fail_over(&primary, &err, cmds).await
+                self.fail_over(&primary, &err, &cmds, total).await
             }
         };
-        let mut r = replies.into_iter();
+        let mut at = 0;
         for (n, tx) in metas {
-            let _ = tx.send(r.by_ref().take(n).collect());
+            let _ = tx.send(replies.slice(at, n));
+            at += n;
         }
     }
 
-    /// The primary of these commands did not answer: run each on its key's replica (the
-    /// first other node of the key's preference list in the current ring; by the time gossip
-    /// has declared the primary dead, that is the new primary), the commands with the same
-    /// replica in one request, in order. Replies in the order of `cmds`.
-    async fn fail_over(&self, primary: &str, err: &str, cmds: Vec<Vec<Vec<u8>>>) -> Vec<Frame> {
+    /// The primary of these `count` RESP-encoded commands did not answer: run each on its
+    /// key's replica (the first other node of the key's preference list in the current
+    /// ring; by the time gossip has declared the primary dead, that is the new primary),
+    /// the commands with the same replica in one request, in order. Replies in the order
+    /// of `cmds`.
+    async fn fail_over(&self, primary: &str, err: &str, cmds: &[u8], count: usize) -> Encoded {
         let ring = self.ctx.ring();
-        let n = cmds.len();
+        let mut parsed = Vec::with_capacity(count);
+        let mut rest = cmds;
+        while let Ok(Some((cmd, k))) = parse_command(rest, &self.limits) {
+            parsed.push(cmd);
+            rest = &rest[k..];
+        }
         // (replica, positions in `cmds`, commands)
-        type Group = (Option<String>, Vec<usize>, Vec<Vec<Vec<u8>>>);
+        type Group<'c, 'a> = (Option<String>, Vec<usize>, Vec<&'c [&'a [u8]]>);
         let mut groups: Vec<Group> = Vec::new();
-        for (i, cmd) in cmds.into_iter().enumerate() {
+        for (i, cmd) in parsed.iter().enumerate() {
             // Every key of a forwarded command has the same primary and replica (multi-key
             // commands are split by both), so the first key decides.
-            let key = match route(&cmd) {
-                Route::Key(k) => Some(k.to_vec()),
-                Route::Multi => split(&cmd).into_iter().next().map(|(k, _)| k),
+            let key = match route(cmd) {
+                Route::Key(k) => Some(k),
+                Route::Multi => split(cmd).into_iter().next().map(|(k, _)| k),
                 Route::Local => None,
             };
             let replica = key.and_then(|k| {
-                ring.preference_list(&k, 3)
+                ring.preference(k, 3)
                     .into_iter()
-                    .find(|node| node != primary)
+                    .find(|node| *node != primary)
+                    .map(str::to_string)
             });
             match groups.iter_mut().find(|(r, _, _)| *r == replica) {
                 Some((_, idx, c)) => {
@@ -657,125 +815,138 @@ impl Inner {
                 None => groups.push((replica, vec![i], vec![cmd])),
             }
         }
-        let mut out = vec![Frame::Null; n];
+        let mut slots: Vec<Option<(usize, usize)>> = vec![None; count];
+        let mut answers = Vec::with_capacity(groups.len());
         for (replica, idx, cmds) in groups {
             let m = cmds.len();
             let second = match replica.as_deref() {
-                Some(r) if r == self.me() => Ok(self
-                    .exec_local(&cmds)
-                    .await
-                    .into_iter()
-                    .map(|(f, _)| f)
-                    .collect()),
+                Some(r) if r == self.me() => Ok(Encoded::frames(
+                    self.exec_local(&cmds).await.into_iter().map(|(f, _)| f),
+                )),
                 Some(r) => {
+                    let mut wire = Vec::new();
+                    for c in &cmds {
+                        encode_command(c, &mut wire);
+                    }
                     let req = CacheRequest::Exec {
-                        cmds,
+                        cmds: wire,
+                        count: m as u32,
                         replica: true,
                     };
                     match self.ctx.rpc.call::<CacheApi>(r, &req).await {
-                        Ok(CacheResponse::Replies(f)) if f.len() == m => Ok(f),
+                        Ok(CacheResponse::Replies { resp, count }) if count as usize == m => {
+                            Encoded::split(resp, m, &self.limits)
+                        }
                         Ok(_) => Err("unexpected answer".to_string()),
                         Err(e) => Err(e.to_string()),
                     }
                 }
                 None => Err("no replica".to_string()),
             };
-            let frames = second.unwrap_or_else(|why| {
-                vec![
-                    Frame::err(format!(
-                        "TRYAGAIN owner {primary} unreachable ({err}); replica: {why}"
-                    ));
-                    m
-                ]
+            let answer = second.unwrap_or_else(|why| {
+                Encoded::errors(
+                    &format!("TRYAGAIN owner {primary} unreachable ({err}); replica: {why}"),
+                    m,
+                )
             });
-            for (i, f) in idx.into_iter().zip(frames) {
-                if let Some(slot) = out.get_mut(i) {
-                    *slot = f;
+            for (k, i) in idx.into_iter().enumerate() {
+                if let Some(slot) = slots.get_mut(i) {
+                    *slot = Some((answers.len(), k));
                 }
             }
+            answers.push(answer);
         }
-        out
+        let mut buf = Vec::new();
+        let mut ranges = Vec::with_capacity(count);
+        for slot in slots {
+            let start = buf.len();
+            match slot.and_then(|(a, k)| answers.get(a).map(|e| e.get(k))) {
+                Some(reply) => buf.extend_from_slice(reply),
+                None => encode(&Frame::err("ERR internal: command not forwarded"), &mut buf),
+            }
+            ranges.push(start..buf.len());
+        }
+        Encoded {
+            buf: Arc::new(buf),
+            ranges,
+        }
     }
 
-    /// Run groups of commands, each on its primary: the remote ones are handed to their
-    /// primary's forwarder first, then the local one runs here, then the remote replies are
+    /// Run groups of commands, each on its node: the remote ones are handed to their
+    /// node's forwarder first, then the local one runs here, then the remote replies are
     /// collected. Results in the order of `groups`.
-    async fn run_groups(
-        self: &Arc<Self>,
-        groups: Vec<(String, Vec<Vec<Vec<u8>>>)>,
-    ) -> Vec<Vec<Frame>> {
-        enum Slot {
-            Local(Vec<Vec<Vec<u8>>>),
-            Remote(oneshot::Receiver<Vec<Frame>>, usize),
+    async fn run_groups(self: &Arc<Self>, groups: Vec<Group<'_, '_>>) -> Vec<Encoded> {
+        enum Slot<'a> {
+            Local(Vec<Args<'a>>),
+            Remote(oneshot::Receiver<Encoded>, usize),
         }
         let mut slots = Vec::with_capacity(groups.len());
-        for (primary, cmds) in groups {
-            if primary == self.me() {
-                slots.push(Slot::Local(cmds));
+        for g in groups {
+            if g.local {
+                slots.push(Slot::Local(g.cmds));
                 continue;
             }
-            let n = cmds.len();
             let (reply_tx, reply_rx) = oneshot::channel();
             let job = Job {
-                bytes: cmds_bytes(&cmds),
-                cmds,
+                cmds: g.wire,
+                count: g.count,
                 reply_tx,
             };
-            if let Err(mpsc::error::SendError(job)) = self.forwarder(&primary).send(job) {
+            if let Err(mpsc::error::SendError(job)) = self.forwarder(g.node).send(job) {
                 // The forwarder just stopped (shutting down): tell the caller.
                 let _ = job
                     .reply_tx
-                    .send(vec![Frame::err("ERR cache is shutting down"); n]);
+                    .send(Encoded::errors("ERR cache is shutting down", g.count));
             }
-            slots.push(Slot::Remote(reply_rx, n));
+            slots.push(Slot::Remote(reply_rx, g.count));
         }
-        let mut done: Vec<Option<Vec<Frame>>> = Vec::with_capacity(slots.len());
+        let mut done: Vec<Option<Encoded>> = Vec::with_capacity(slots.len());
         for slot in &slots {
             done.push(match slot {
-                Slot::Local(cmds) => Some(
-                    self.exec_local(cmds)
-                        .await
-                        .into_iter()
-                        .map(|(f, _)| f)
-                        .collect(),
-                ),
+                Slot::Local(cmds) => Some(Encoded::frames(
+                    self.exec_local(cmds).await.into_iter().map(|(f, _)| f),
+                )),
                 Slot::Remote(..) => None,
             });
         }
         let mut out = Vec::with_capacity(slots.len());
         for (slot, done) in slots.into_iter().zip(done) {
             out.push(match (slot, done) {
-                (_, Some(frames)) => frames,
+                (_, Some(e)) => e,
                 (Slot::Remote(rx, n), None) => rx
                     .await
-                    .unwrap_or_else(|_| vec![Frame::err("ERR internal: forwarder stopped"); n]),
-                (Slot::Local(_), None) => Vec::new(),
+                    .unwrap_or_else(|_| Encoded::errors("ERR internal: forwarder stopped", n)),
+                (Slot::Local(_), None) => Encoded::errors("ERR internal: no reply", 0),
             });
         }
         out
     }
 
     /// A multi-key command, split by owner and merged.
-    async fn multi(self: &Arc<Self>, ring: &Ring, cmd: &[Vec<u8>]) -> Frame {
+    async fn multi(self: &Arc<Self>, ring: &Ring, cmd: &[&[u8]]) -> Frame {
         let parts = split(cmd);
         let nkeys = parts.len();
-        let mut by_target: BTreeMap<Target, (Vec<usize>, Vec<Vec<u8>>)> = BTreeMap::new();
+        let mut by_target: BTreeMap<Target, (Vec<usize>, Args<'_>)> = BTreeMap::new();
         for (i, (key, args)) in parts.into_iter().enumerate() {
             let e = by_target
-                .entry(self.target(ring, &key))
-                .or_insert_with(|| (Vec::new(), vec![cmd[0].clone()]));
+                .entry(self.target(ring, key))
+                .or_insert_with(|| (Vec::new(), Args::from_slice(&cmd[..1])));
             e.0.push(i);
-            e.1.extend(args);
+            e.1.extend_from_slice(args);
         }
-        let (idx, groups): (Vec<_>, Vec<_>) = by_target
-            .into_iter()
-            .map(|((primary, _), (idx, sub))| (idx, (primary, vec![sub])))
-            .unzip();
+        let mut idx = Vec::with_capacity(by_target.len());
+        let mut groups = Vec::with_capacity(by_target.len());
+        for ((primary, _), (i, sub)) in &by_target {
+            let mut g = Group::new(primary, self.me());
+            g.push(sub);
+            groups.push(g);
+            idx.push(i.clone());
+        }
         let replies = self.run_groups(groups).await;
         let parts = idx
             .into_iter()
             .zip(replies)
-            .map(|(i, mut r)| (i, r.pop().unwrap_or(Frame::err("ERR no reply"))))
+            .map(|(i, r)| (i, r.frame(0, &self.limits)))
             .collect();
         merge(cmd, nkeys, parts)
     }
@@ -811,94 +982,104 @@ impl Inner {
             .count_keys(|k| ring.owner(k).is_none_or(|o| o == me)) as u64
     }
 
-    /// Run client commands (one pipeline round) and return their replies in order, with
-    /// whether the connection must close after each.
-    async fn run(self: &Arc<Self>, mut cmds: Vec<Vec<Vec<u8>>>) -> Vec<(Frame, bool)> {
+    /// Run client commands (one pipeline round) and append their replies, in order, to
+    /// `out`. True when the connection must close (QUIT: nothing after it runs).
+    async fn run(self: &Arc<Self>, cmds: &[Args<'_>], out: &mut Vec<u8>) -> bool {
         let ring = self.ctx.ring();
-        if alone(&ring, self.me()) {
+        let me = self.me();
+        if alone(&ring, me) {
             // Every key lives here: run the round as it came, in one pass over the store.
-            if let Some(q) = cmds.iter().position(|c| Name::of(c).as_str() == "QUIT") {
-                cmds.truncate(q + 1);
-            }
-            return self.exec_local(&cmds).await;
-        }
-        enum Plan<'r> {
-            Key(&'r str),
-            Local,
-            Multi,
-        }
-        let n = cmds.len();
-        let mut replies: Vec<Option<(Frame, bool)>> = vec![None; n];
-        let mut pending = Pending::new();
-        for (i, cmd) in cmds.into_iter().enumerate() {
-            let plan = match route(&cmd) {
-                Route::Key(key) => Plan::Key(ring.owner(key).unwrap_or(self.me())),
-                Route::Local => Plan::Local,
-                Route::Multi => Plan::Multi,
-            };
-            match plan {
-                Plan::Key(primary) => {
-                    let e = pending.entry(primary).or_default();
-                    e.0.push(i);
-                    e.1.push(cmd);
+            let n = cmds
+                .iter()
+                .position(|c| Name::of(c).as_str() == "QUIT")
+                .map_or(cmds.len(), |q| q + 1);
+            for (f, quit) in self.exec_local(&cmds[..n]).await {
+                encode(&f, out);
+                if quit {
+                    return true;
                 }
-                Plan::Local => {
-                    let name = Name::of(&cmd);
-                    let quit = name.as_str() == "QUIT";
-                    if quit {
+            }
+            return false;
+        }
+        /// Where a command's reply comes from.
+        enum Reply {
+            Now(Frame),
+            /// The next reply of group `g` (in the order the groups were flushed).
+            Group(usize),
+        }
+        let mut replies = Vec::with_capacity(cmds.len());
+        let mut done: Vec<Encoded> = Vec::new();
+        let mut pending: Vec<Group> = Vec::new();
+        let mut quit = false;
+        for cmd in cmds {
+            match route(cmd) {
+                Route::Key(key) => {
+                    let primary = ring.owner(key).unwrap_or(me);
+                    let k = match pending.iter().position(|g| g.node == primary) {
+                        Some(k) => k,
+                        None => {
+                            pending.push(Group::new(primary, me));
+                            pending.len() - 1
+                        }
+                    };
+                    pending[k].push(cmd);
+                    replies.push(Reply::Group(done.len() + k));
+                }
+                Route::Local => {
+                    let name = Name::of(cmd);
+                    if name.as_str() == "QUIT" {
                         // Nothing after QUIT runs; what came before is answered first.
-                        self.flush(&mut pending, &mut replies).await;
+                        self.flush(&mut pending, &mut done).await;
+                        replies.push(Reply::Now(Frame::ok()));
+                        quit = true;
+                        break;
                     }
-                    if name.as_str() == "DBSIZE" && cmd.len() == 1 {
-                        replies[i] = Some((self.cluster_dbsize().await, false));
-                        continue;
-                    }
-                    let mut r = self.exec_local(std::slice::from_ref(&cmd)).await;
-                    replies[i] = r.pop();
-                    if quit {
-                        replies.truncate(i + 1);
-                        return replies.into_iter().flatten().collect();
-                    }
+                    let reply = if name.as_str() == "DBSIZE" && cmd.len() == 1 {
+                        self.cluster_dbsize().await
+                    } else {
+                        let mut r = self.exec_local(std::slice::from_ref(cmd)).await;
+                        r.pop()
+                            .map_or_else(|| Frame::err("ERR no reply"), |(f, _)| f)
+                    };
+                    replies.push(Reply::Now(reply));
                 }
-                Plan::Multi => {
-                    self.flush(&mut pending, &mut replies).await;
-                    replies[i] = Some((self.multi(&ring, &cmd).await, false));
-                }
-            }
-        }
-        self.flush(&mut pending, &mut replies).await;
-        replies
-            .into_iter()
-            .map(|r| r.unwrap_or((Frame::err("ERR no reply"), false)))
-            .collect()
-    }
-
-    async fn flush(
-        self: &Arc<Self>,
-        pending: &mut Pending<'_>,
-        replies: &mut [Option<(Frame, bool)>],
-    ) {
-        if pending.is_empty() {
-            return;
-        }
-        let (idx, groups): (Vec<_>, Vec<_>) = std::mem::take(pending)
-            .into_iter()
-            .map(|(t, (idx, cmds))| (idx, (t.to_string(), cmds)))
-            .unzip();
-        for (idx, frames) in idx.into_iter().zip(self.run_groups(groups).await) {
-            for (i, f) in idx.into_iter().zip(frames) {
-                if let Some(slot) = replies.get_mut(i) {
-                    *slot = Some((f, false));
+                Route::Multi => {
+                    self.flush(&mut pending, &mut done).await;
+                    replies.push(Reply::Now(self.multi(&ring, cmd).await));
                 }
             }
         }
+        self.flush(&mut pending, &mut done).await;
+        let mut next = vec![0usize; done.len()];
+        for r in replies {
+            match r {
+                Reply::Now(f) => encode(&f, out),
+                Reply::Group(g) => match (done.get(g), next.get_mut(g)) {
+                    (Some(e), Some(k)) => {
+                        out.extend_from_slice(e.get(*k));
+                        *k += 1;
+                    }
+                    _ => encode(&Frame::err("ERR internal: no reply"), out),
+                },
+            }
+        }
+        quit
     }
 
-    async fn one(self: &Arc<Self>, cmd: Vec<Vec<u8>>) -> Result<Frame, RpcError> {
-        match self.run(vec![cmd]).await.pop() {
-            Some((Frame::Error(e), _)) => Err(RpcError::refused(e)),
-            Some((f, _)) => Ok(f),
-            None => Err(RpcError::Internal("no reply".into())),
+    /// Run the groups waiting in `pending`; their results go to the end of `done`.
+    async fn flush(self: &Arc<Self>, pending: &mut Vec<Group<'_, '_>>, done: &mut Vec<Encoded>) {
+        if !pending.is_empty() {
+            done.extend(self.run_groups(std::mem::take(pending)).await);
+        }
+    }
+
+    async fn one(self: &Arc<Self>, cmd: &[&[u8]]) -> Result<Frame, RpcError> {
+        let mut out = Vec::new();
+        self.run(&[Args::from_slice(cmd)], &mut out).await;
+        match parse_frame(&out, &self.limits) {
+            Ok(Some((Frame::Error(e), _))) => Err(RpcError::refused(e)),
+            Ok(Some((f, _))) => Ok(f),
+            _ => Err(RpcError::Internal("no reply".into())),
         }
     }
 
@@ -965,12 +1146,12 @@ async fn forward_loop(
         let (mut n, mut bytes) = (0, 0);
         let mut batch = Vec::new();
         while let Some(j) = waiting.front() {
-            if !batch.is_empty() && (n + j.cmds.len() > MAX_BATCH || bytes + j.bytes > BATCH_BYTES)
+            if !batch.is_empty() && (n + j.count > MAX_BATCH || bytes + j.cmds.len() > BATCH_BYTES)
             {
                 break;
             }
-            n += j.cmds.len();
-            bytes += j.bytes;
+            n += j.count;
+            bytes += j.cmds.len();
             batch.extend(waiting.pop_front());
         }
         let Some(inner) = inner.upgrade() else {
@@ -984,41 +1165,41 @@ async fn forward_loop(
     }
 }
 
-/// One ordered queue and sender task per replica target. Writers push whole batches (one
-/// per executed round); the task sends everything queued in one [`CacheRequest::Replicate`]
-/// (up to [`MAX_BATCH`] items, after lingering up to [`REPL_LINGER`] for a small batch to
-/// grow), one RPC at a time, so the order per key is kept.
+/// One ordered queue and sender task per replica target. Writers push packed batches (one
+/// per executed round); the task sends what is queued in one [`CacheRequest::Replicate`]
+/// (whole batches, up to [`MAX_BATCH`] items, after lingering up to [`REPL_LINGER`] for a
+/// small backlog to grow), one RPC at a time, so the order per key is kept.
 fn spawn_replicator(rpc: dsys_runtime::Rpc, target: String, dropped: Arc<AtomicU64>) -> ReplQueue {
-    let (tx, mut rx) = mpsc::unbounded_channel::<Vec<ReplItem>>();
+    let (tx, mut rx) = mpsc::unbounded_channel::<ReplBatch>();
     let queued = Arc::new(AtomicUsize::new(0));
     let q = queued.clone();
     tokio::spawn(async move {
-        let mut buf: VecDeque<ReplItem> = VecDeque::new();
+        let mut buf: VecDeque<ReplBatch> = VecDeque::new();
         loop {
             if buf.is_empty() {
                 match rx.recv().await {
-                    Some(v) => buf.extend(v),
+                    Some(b) => buf.push_back(b),
                     None => return,
                 }
             }
-            while let Ok(v) = rx.try_recv() {
-                buf.extend(v);
+            while let Ok(b) = rx.try_recv() {
+                buf.push_back(b);
             }
-            if buf.len() < REPL_LINGER_ITEMS {
+            if buf.iter().map(ReplBatch::len).sum::<usize>() < REPL_LINGER_ITEMS {
                 tokio::time::sleep(REPL_LINGER).await;
-                while let Ok(v) = rx.try_recv() {
-                    buf.extend(v);
+                while let Ok(b) = rx.try_recv() {
+                    buf.push_back(b);
                 }
             }
-            let mut batch = Vec::new();
-            let mut bytes = 0;
-            while let Some(it) = buf.front() {
-                let b = it.key.len() + it.value.as_ref().map_or(0, Vec::len) + 16;
-                if !batch.is_empty() && (batch.len() >= MAX_BATCH || bytes + b > BATCH_BYTES) {
+            let Some(mut batch) = buf.pop_front() else {
+                continue;
+            };
+            while let Some(b) = buf.front() {
+                if batch.len() + b.len() > MAX_BATCH || batch.bytes() + b.bytes() > BATCH_BYTES {
                     break;
                 }
-                bytes += b;
-                batch.extend(buf.pop_front());
+                batch.append(b);
+                buf.pop_front();
             }
             q.fetch_sub(batch.len(), Ordering::Relaxed);
             let n = batch.len() as u64;
@@ -1044,36 +1225,34 @@ async fn serve_conn(inner: Arc<Inner>, mut sock: TcpStream, mut stop_rx: watch::
     let mut buf: Vec<u8> = Vec::with_capacity(16 * 1024);
     let mut out: Vec<u8> = Vec::with_capacity(16 * 1024);
     loop {
-        let mut cmds = Vec::new();
         let mut used = 0;
         let mut error = None;
-        while cmds.len() < max_pipeline {
-            match parse_command(&buf[used..], &limits) {
-                Ok(Some((cmd, n))) => {
-                    used += n;
-                    if !cmd.is_empty() {
-                        cmds.push(cmd);
+        let mut quit = false;
+        let more;
+        {
+            // The commands borrow their arguments from `buf`, which is drained after.
+            let mut cmds = Vec::new();
+            while cmds.len() < max_pipeline {
+                match parse_command(&buf[used..], &limits) {
+                    Ok(Some((cmd, n))) => {
+                        used += n;
+                        if !cmd.is_empty() {
+                            cmds.push(cmd);
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        error = Some(e);
+                        break;
                     }
                 }
-                Ok(None) => break,
-                Err(e) => {
-                    error = Some(e);
-                    break;
-                }
+            }
+            more = cmds.len() >= max_pipeline;
+            if !cmds.is_empty() {
+                quit = inner.run(&cmds, &mut out).await;
             }
         }
-        let more = cmds.len() >= max_pipeline;
         buf.drain(..used);
-        let mut quit = false;
-        if !cmds.is_empty() {
-            for (frame, q) in inner.run(cmds).await {
-                encode(&frame, &mut out);
-                if q {
-                    quit = true;
-                    break;
-                }
-            }
-        }
         if let Some(e) = &error {
             encode(&Frame::err(format!("ERR {e}")), &mut out);
             quit = true;
@@ -1258,10 +1437,7 @@ impl Plugin for CachePlugin {
         match req {
             CacheRequest::Get { key } => {
                 RpcError::check_key(&key, MAX_KEY_BYTES)?;
-                match i
-                    .one(vec![b"GET".to_vec(), key.clone().into_bytes()])
-                    .await?
-                {
+                match i.one(&[b"GET", key.as_bytes()]).await? {
                     Frame::Bulk(v) => Ok(CacheResponse::Value {
                         key,
                         value: Some(v),
@@ -1271,17 +1447,17 @@ impl Plugin for CachePlugin {
             }
             CacheRequest::Set { key, value, ttl_ms } => {
                 RpcError::check_key(&key, MAX_KEY_BYTES)?;
-                let mut cmd = vec![b"SET".to_vec(), key.into_bytes(), value];
-                if let Some(t) = ttl_ms {
-                    cmd.push(b"PX".to_vec());
-                    cmd.push(t.to_string().into_bytes());
+                let ttl = ttl_ms.map(|t| t.to_string());
+                let mut cmd: Vec<&[u8]> = vec![b"SET", key.as_bytes(), &value];
+                if let Some(t) = &ttl {
+                    cmd.extend([&b"PX"[..], t.as_bytes()]);
                 }
-                i.one(cmd).await?;
+                i.one(&cmd).await?;
                 Ok(CacheResponse::Done(1))
             }
             CacheRequest::Del { key } => {
                 RpcError::check_key(&key, MAX_KEY_BYTES)?;
-                match i.one(vec![b"DEL".to_vec(), key.into_bytes()]).await? {
+                match i.one(&[b"DEL", key.as_bytes()]).await? {
                     Frame::Integer(n) => Ok(CacheResponse::Done(n.max(0) as u64)),
                     _ => Ok(CacheResponse::Done(0)),
                 }
@@ -1312,28 +1488,47 @@ impl Plugin for CachePlugin {
                     i.lock().remove_prefix(prefix.as_bytes()) as u64,
                 ))
             }
-            CacheRequest::Exec { cmds, replica: _ } => {
-                if cmds.len() > MAX_BATCH {
+            CacheRequest::Exec {
+                cmds,
+                count,
+                replica: _,
+            } => {
+                let n = count as usize;
+                if n > MAX_BATCH {
                     return Err(RpcError::refused(format!(
                         "at most {MAX_BATCH} commands per batch"
                     )));
                 }
-                Ok(CacheResponse::Replies(
-                    i.exec_local(&cmds)
-                        .await
-                        .into_iter()
-                        .map(|(f, _)| f)
-                        .collect(),
-                ))
+                let mut parsed = Vec::with_capacity(n);
+                let mut rest = cmds.as_slice();
+                while parsed.len() < n {
+                    match parse_command(rest, &i.limits) {
+                        Ok(Some((cmd, k))) => {
+                            parsed.push(cmd);
+                            rest = &rest[k..];
+                        }
+                        Ok(None) => return Err(RpcError::refused("truncated command batch")),
+                        Err(e) => return Err(RpcError::refused(format!("command batch: {e}"))),
+                    }
+                }
+                if !rest.is_empty() {
+                    return Err(RpcError::refused("bytes after the command batch"));
+                }
+                let mut resp = Vec::with_capacity(n * 8);
+                for (f, _) in i.exec_local(&parsed).await {
+                    encode(&f, &mut resp);
+                }
+                Ok(CacheResponse::Replies { resp, count })
             }
             CacheRequest::CountPrimary => Ok(CacheResponse::Done(i.count_primary())),
-            CacheRequest::Replicate(items) => {
-                if items.len() > MAX_BATCH {
+            CacheRequest::Replicate(batch) => {
+                if batch.len() > MAX_BATCH {
                     return Err(RpcError::refused(format!(
                         "at most {MAX_BATCH} items per batch"
                     )));
                 }
-                Ok(CacheResponse::Done(i.apply_replica(items)))
+                let items = batch.items().map_err(RpcError::refused)?;
+                Ok(CacheResponse::Done(i.apply_replica(&items)))
             }
         }
     }

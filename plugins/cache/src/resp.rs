@@ -10,6 +10,7 @@
 use std::borrow::Cow;
 
 use serde::{Deserialize, Serialize};
+use smallvec::SmallVec;
 
 /// One RESP2 value.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -135,19 +136,69 @@ fn length(bytes: &[u8], what: &str) -> Result<i64, RespError> {
     int(bytes).ok_or_else(|| RespError::Protocol(format!("invalid {what} length")))
 }
 
+/// One command's arguments, borrowed from the buffer they were parsed from (most commands
+/// have at most four, which stay on the stack).
+pub type Args<'a> = SmallVec<[&'a [u8]; 4]>;
+
+/// The type byte and header line of the frame at `buf[0]`, and the bytes they take.
+fn header<'a>(buf: &'a [u8], limits: &Limits) -> Parsed<(u8, &'a [u8])> {
+    let Some(&tag) = buf.first() else {
+        return Ok(None);
+    };
+    Ok(line(&buf[1..], limits)?.map(|(head, used)| ((tag, head), used + 1)))
+}
+
+/// The body of a bulk string whose header line was `head`, at the start of `body`: `None`
+/// for the null bulk string; the bytes taken include the trailing CRLF.
+fn bulk<'a>(head: &[u8], body: &'a [u8], limits: &Limits) -> Parsed<Option<&'a [u8]>> {
+    let n = length(head, "bulk")?;
+    if n == -1 {
+        return Ok(Some((None, 0)));
+    }
+    let n = usize::try_from(n).map_err(|_| RespError::BulkTooLarge)?;
+    if n > limits.max_bulk {
+        return Err(RespError::BulkTooLarge);
+    }
+    if body.len() < n.saturating_add(2) {
+        return Ok(None);
+    }
+    if &body[n..n + 2] != b"\r\n" {
+        return Err(RespError::Protocol(
+            "bulk string not followed by CRLF".into(),
+        ));
+    }
+    Ok(Some((Some(&body[..n]), n + 2)))
+}
+
+/// The element count of an array whose header line was `head` (`None`: the null array).
+fn array_len(head: &[u8], limits: &Limits, depth: usize) -> Result<Option<usize>, RespError> {
+    let n = length(head, "multibulk")?;
+    if n == -1 {
+        return Ok(None);
+    }
+    let n = usize::try_from(n).map_err(|_| RespError::ArrayTooLarge)?;
+    if n > limits.max_array {
+        return Err(RespError::ArrayTooLarge);
+    }
+    if depth >= limits.max_depth {
+        return Err(RespError::TooDeep);
+    }
+    Ok(Some(n))
+}
+
+fn unexpected(tag: u8) -> RespError {
+    RespError::Protocol(format!("unexpected type byte {:?}", char::from(tag)))
+}
+
 /// Parse one frame of any type from the start of `buf`.
 pub fn parse_frame(buf: &[u8], limits: &Limits) -> Parsed<Frame> {
     parse_at(buf, limits, 0)
 }
 
 fn parse_at(buf: &[u8], limits: &Limits, depth: usize) -> Parsed<Frame> {
-    let Some(&tag) = buf.first() else {
+    let Some(((tag, head), mut used)) = header(buf, limits)? else {
         return Ok(None);
     };
-    let Some((head, mut used)) = line(&buf[1..], limits)? else {
-        return Ok(None);
-    };
-    used += 1;
     let text = || {
         std::str::from_utf8(head)
             .map(str::to_string)
@@ -160,37 +211,13 @@ fn parse_at(buf: &[u8], limits: &Limits, depth: usize) -> Parsed<Frame> {
             Frame::Integer(int(head).ok_or_else(|| RespError::Protocol("invalid integer".into()))?)
         }
         b'$' => {
-            let n = length(head, "bulk")?;
-            if n == -1 {
-                return Ok(Some((Frame::Null, used)));
-            }
-            let n = usize::try_from(n).map_err(|_| RespError::BulkTooLarge)?;
-            if n > limits.max_bulk {
-                return Err(RespError::BulkTooLarge);
-            }
-            let body = &buf[used..];
-            if body.len() < n.saturating_add(2) {
-                return Ok(None);
-            }
-            if &body[n..n + 2] != b"\r\n" {
-                return Err(RespError::Protocol(
-                    "bulk string not followed by CRLF".into(),
-                ));
-            }
-            return Ok(Some((Frame::Bulk(body[..n].to_vec()), used + n + 2)));
+            return Ok(bulk(head, &buf[used..], limits)?
+                .map(|(b, k)| (b.map_or(Frame::Null, Frame::bulk), used + k)))
         }
         b'*' => {
-            let n = length(head, "multibulk")?;
-            if n == -1 {
+            let Some(n) = array_len(head, limits, depth)? else {
                 return Ok(Some((Frame::NullArray, used)));
-            }
-            let n = usize::try_from(n).map_err(|_| RespError::ArrayTooLarge)?;
-            if n > limits.max_array {
-                return Err(RespError::ArrayTooLarge);
-            }
-            if depth >= limits.max_depth {
-                return Err(RespError::TooDeep);
-            }
+            };
             // Never reserve more than what could have arrived: each element takes >= 3 bytes.
             let mut items = Vec::with_capacity(n.min((buf.len() - used) / 3 + 1));
             for _ in 0..n {
@@ -204,63 +231,91 @@ fn parse_at(buf: &[u8], limits: &Limits, depth: usize) -> Parsed<Frame> {
             }
             Frame::Array(items)
         }
-        other => {
-            return Err(RespError::Protocol(format!(
-                "unexpected type byte {:?}",
-                char::from(other)
-            )))
-        }
+        other => return Err(unexpected(other)),
     };
     Ok(Some((frame, used)))
 }
 
+/// The length of the complete frame at the start of `buf`, checked as [`parse_frame`]
+/// checks it but without building it: how replies relayed from another node are delimited.
+pub fn frame_len(buf: &[u8], limits: &Limits) -> Result<Option<usize>, RespError> {
+    skip_at(buf, limits, 0)
+}
+
+fn skip_at(buf: &[u8], limits: &Limits, depth: usize) -> Result<Option<usize>, RespError> {
+    let Some(((tag, head), mut used)) = header(buf, limits)? else {
+        return Ok(None);
+    };
+    match tag {
+        b'+' | b'-' => {
+            if std::str::from_utf8(head).is_err() {
+                return Err(RespError::Protocol(
+                    "invalid UTF-8 in a simple string".into(),
+                ));
+            }
+        }
+        b':' => {
+            int(head).ok_or_else(|| RespError::Protocol("invalid integer".into()))?;
+        }
+        b'$' => return Ok(bulk(head, &buf[used..], limits)?.map(|(_, k)| used + k)),
+        b'*' => {
+            for _ in 0..array_len(head, limits, depth)?.unwrap_or(0) {
+                match skip_at(&buf[used..], limits, depth + 1)? {
+                    None => return Ok(None),
+                    Some(k) => used += k,
+                }
+            }
+        }
+        other => return Err(unexpected(other)),
+    }
+    Ok(Some(used))
+}
+
 /// Parse one client command: an array of bulk strings (what clients send), or an inline
 /// command (a line of space-separated words, as typed into `telnet`). An empty inline line
-/// yields an empty command, which the server skips.
-pub fn parse_command(buf: &[u8], limits: &Limits) -> Parsed<Vec<Vec<u8>>> {
+/// yields an empty command, which the server skips. The arguments borrow from `buf`.
+pub fn parse_command<'a>(buf: &'a [u8], limits: &Limits) -> Parsed<Args<'a>> {
     let Some(&first) = buf.first() else {
         return Ok(None);
     };
     if first != b'*' {
         return inline(buf, limits);
     }
-    let Some((head, mut used)) = line(&buf[1..], limits)? else {
+    let Some(((_, head), mut used)) = header(buf, limits)? else {
         return Ok(None);
     };
-    used += 1;
     let n = length(head, "multibulk")?;
     if n <= 0 {
-        return Ok(Some((Vec::new(), used)));
+        return Ok(Some((Args::new(), used)));
     }
     let n = usize::try_from(n).map_err(|_| RespError::ArrayTooLarge)?;
     if n > limits.max_array {
         return Err(RespError::ArrayTooLarge);
     }
-    let mut args = Vec::with_capacity(n.min((buf.len() - used) / 4 + 1));
+    let mut args = Args::with_capacity(n.min((buf.len() - used) / 4 + 1));
     for _ in 0..n {
-        match buf.get(used) {
-            None => return Ok(None),
-            Some(b'$') => {}
-            Some(&b) => {
-                return Err(RespError::Protocol(format!(
-                    "expected '$', got '{}'",
-                    char::from(b)
-                )))
-            }
+        let Some(((tag, head), k)) = header(&buf[used..], limits)? else {
+            return Ok(None);
+        };
+        if tag != b'$' {
+            return Err(RespError::Protocol(format!(
+                "expected '$', got '{}'",
+                char::from(tag)
+            )));
         }
-        match parse_at(&buf[used..], limits, 1)? {
+        match bulk(head, &buf[used + k..], limits)? {
             None => return Ok(None),
-            Some((Frame::Bulk(b), k)) => {
+            Some((Some(b), m)) => {
                 args.push(b);
-                used += k;
+                used += k + m;
             }
-            Some(_) => return Err(RespError::Protocol("invalid bulk length".into())),
+            Some((None, _)) => return Err(RespError::Protocol("invalid bulk length".into())),
         }
     }
     Ok(Some((args, used)))
 }
 
-fn inline(buf: &[u8], limits: &Limits) -> Parsed<Vec<Vec<u8>>> {
+fn inline<'a>(buf: &'a [u8], limits: &Limits) -> Parsed<Args<'a>> {
     let scan = &buf[..buf.len().min(limits.max_line.saturating_add(1))];
     let Some(nl) = scan.iter().position(|&b| b == b'\n') else {
         return if scan.len() > limits.max_line {
@@ -276,19 +331,36 @@ fn inline(buf: &[u8], limits: &Limits) -> Parsed<Vec<Vec<u8>>> {
     let args = text
         .split(|b| *b == b' ' || *b == b'\t')
         .filter(|w| !w.is_empty())
-        .map(<[u8]>::to_vec)
         .collect();
     Ok(Some((args, nl + 1)))
 }
 
-/// Append the encoding of `frame` to `out`.
-pub fn encode(frame: &Frame, out: &mut Vec<u8>) {
-    // Both helpers write straight into `out`: a reply costs no allocation of its own.
-    fn header(out: &mut Vec<u8>, tag: u8, n: impl std::fmt::Display) {
-        use std::io::Write;
-        out.push(tag);
-        let _ = write!(out, "{n}\r\n");
+/// Append a type byte and a number line (`$3\r\n`) to `out`, without allocating or going
+/// through `fmt` (every header of every reply and relayed command passes here).
+fn put_header(out: &mut Vec<u8>, tag: u8, n: impl Into<i128>) {
+    let n: i128 = n.into();
+    let mut digits = [0u8; 40];
+    let mut i = digits.len();
+    let mut m = n.unsigned_abs();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (m % 10) as u8;
+        m /= 10;
+        if m == 0 {
+            break;
+        }
     }
+    out.push(tag);
+    if n < 0 {
+        out.push(b'-');
+    }
+    out.extend_from_slice(&digits[i..]);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Append the encoding of `frame` to `out`. Writes straight into `out`: a reply costs no
+/// allocation of its own.
+pub fn encode(frame: &Frame, out: &mut Vec<u8>) {
     // Simple strings and errors cannot carry CR or LF: replace them so the stream stays valid.
     fn line(out: &mut Vec<u8>, tag: u8, s: &str) {
         out.push(tag);
@@ -301,16 +373,16 @@ pub fn encode(frame: &Frame, out: &mut Vec<u8>) {
     match frame {
         Frame::Simple(s) => line(out, b'+', s),
         Frame::Error(s) => line(out, b'-', s),
-        Frame::Integer(i) => header(out, b':', i),
+        Frame::Integer(i) => put_header(out, b':', *i),
         Frame::Bulk(b) => {
-            header(out, b'$', b.len());
+            put_header(out, b'$', b.len() as u64);
             out.extend_from_slice(b);
             out.extend_from_slice(b"\r\n");
         }
         Frame::Null => out.extend_from_slice(b"$-1\r\n"),
         Frame::NullArray => out.extend_from_slice(b"*-1\r\n"),
         Frame::Array(items) => {
-            header(out, b'*', items.len());
+            put_header(out, b'*', items.len() as u64);
             for f in items {
                 encode(f, out);
             }
@@ -320,10 +392,12 @@ pub fn encode(frame: &Frame, out: &mut Vec<u8>) {
 
 /// Encode a command the way clients do (an array of bulk strings).
 pub fn encode_command(args: &[&[u8]], out: &mut Vec<u8>) {
-    encode(
-        &Frame::Array(args.iter().map(|a| Frame::Bulk(a.to_vec())).collect()),
-        out,
-    )
+    put_header(out, b'*', args.len() as u64);
+    for a in args {
+        put_header(out, b'$', a.len() as u64);
+        out.extend_from_slice(a);
+        out.extend_from_slice(b"\r\n");
+    }
 }
 
 #[cfg(test)]
@@ -414,16 +488,16 @@ mod tests {
         encode_command(&[b"SET", b"k", b"v v"], &mut v);
         let (cmd, n) = parse_command(&v, &l).expect("ok").expect("complete");
         assert_eq!(n, v.len());
-        assert_eq!(cmd, vec![b"SET".to_vec(), b"k".to_vec(), b"v v".to_vec()]);
+        assert_eq!(cmd.as_slice(), [&b"SET"[..], b"k", b"v v"]);
         let (cmd, n) = parse_command(b"PING\r\nGET", &l)
             .expect("ok")
             .expect("complete");
-        assert_eq!((cmd, n), (vec![b"PING".to_vec()], 6));
+        assert_eq!((cmd.as_slice(), n), (&[&b"PING"[..]][..], 6));
         let (cmd, _) = parse_command(b"  set  a   b\n", &l)
             .expect("ok")
             .expect("complete");
         assert_eq!(cmd.len(), 3);
-        assert_eq!(parse_command(b"\r\n", &l), Ok(Some((vec![], 2))));
+        assert_eq!(parse_command(b"\r\n", &l), Ok(Some((Args::new(), 2))));
         assert_eq!(parse_command(b"PIN", &l), Ok(None));
         assert!(parse_command(b"*1\r\n:1\r\n", &l).is_err());
         assert!(parse_command(b"*x\r\n", &l).is_err());
@@ -449,6 +523,7 @@ mod tests {
             let bytes = enc(&f);
             let got = parse_frame(&bytes, &Limits::default()).expect("valid").expect("complete");
             prop_assert_eq!(got, (f, bytes.len()));
+            prop_assert_eq!(frame_len(&bytes, &Limits::default()), Ok(Some(bytes.len())));
         }
 
         #[test]
@@ -464,8 +539,12 @@ mod tests {
                 let again = enc(&f);
                 prop_assert_eq!(parse_frame(&again, &l), Ok(Some((f, again.len()))));
             }
+            // Delimiting without building agrees with parsing, on every input.
+            for lim in [l, Limits::default()] {
+                let parsed = parse_frame(&bytes, &lim).map(|o| o.map(|(_, n)| n));
+                prop_assert_eq!(frame_len(&bytes, &lim), parsed);
+            }
             let _ = parse_command(&bytes, &l);
-            let _ = parse_frame(&bytes, &Limits::default());
             let _ = parse_command(&bytes, &Limits::default());
         }
 
@@ -498,7 +577,9 @@ mod tests {
             let cut = cut.index(stream.len());
             let l = Limits::default();
             prop_assert_eq!(parse_command(&stream[..cut], &l).expect("valid prefix"), None);
-            prop_assert_eq!(parse_command(&stream, &l).expect("valid"), Some((args, stream.len())));
+            let (got, n) = parse_command(&stream, &l).expect("valid").expect("complete");
+            prop_assert_eq!(n, stream.len());
+            prop_assert_eq!(got.as_slice(), refs.as_slice());
         }
     }
 }

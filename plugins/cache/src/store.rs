@@ -406,16 +406,17 @@ impl Store {
     }
 
     /// The value and absolute expiry of `key`, without touching it (for replication).
-    pub fn peek(&mut self, key: &[u8], now: u64) -> Option<(Vec<u8>, Option<u64>)> {
-        if let Some((k, e)) = self.map.get_index(self.last_written) {
-            if k.as_slice() == key && !e.expire_at.is_some_and(|t| t <= now) {
-                return Some((e.value.clone(), e.expire_at));
-            }
-        }
-        let i = self.live(key, now)?;
+    pub fn peek(&mut self, key: &[u8], now: u64) -> Option<(&[u8], Option<u64>)> {
+        let hint = matches!(self.map.get_index(self.last_written),
+            Some((k, e)) if k.as_slice() == key && !e.expire_at.is_some_and(|t| t <= now));
+        let i = if hint {
+            self.last_written
+        } else {
+            self.live(key, now)?
+        };
         self.map
             .get_index(i)
-            .map(|(_, e)| (e.value.clone(), e.expire_at))
+            .map(|(_, e)| (e.value.as_slice(), e.expire_at))
     }
 
     /// Write `value` under `key` according to `opts`.
@@ -548,7 +549,7 @@ impl Store {
     /// Set (or, with `None`, remove) the absolute expiry of an existing key; false when the
     /// key does not exist. An expiry in the past deletes the key.
     pub fn set_expiry(&mut self, key: &[u8], at: Option<u64>, now: u64) -> bool {
-        let Some((value, cur)) = self.peek(key, now) else {
+        let Some((value, cur)) = self.peek(key, now).map(|(v, t)| (v.to_vec(), t)) else {
             return false;
         };
         if cur == at {
@@ -580,7 +581,7 @@ impl Store {
         let (cur, ttl) = match self.peek(key, now) {
             None => (0i64, None),
             Some((v, t)) => {
-                let s = std::str::from_utf8(&v).map_err(|_| StoreError::NotInteger)?;
+                let s = std::str::from_utf8(v).map_err(|_| StoreError::NotInteger)?;
                 if s.is_empty() || s.len() > 20 || s.starts_with('+') {
                     return Err(StoreError::NotInteger);
                 }
@@ -594,7 +595,10 @@ impl Store {
 
     /// Append `more` to the value at `key` (created when missing); the new length.
     pub fn append(&mut self, key: &[u8], more: &[u8], now: u64) -> Result<usize, StoreError> {
-        let (mut v, ttl) = self.peek(key, now).unwrap_or_default();
+        let (mut v, ttl) = self
+            .peek(key, now)
+            .map(|(v, t)| (v.to_vec(), t))
+            .unwrap_or_default();
         if v.len().saturating_add(more.len()) > self.cfg.max_value {
             return Err(StoreError::TooLarge);
         }
@@ -1002,7 +1006,7 @@ mod tests {
                     // Peeking every key also drops the expired ones, so the counts below
                     // cover live keys only.
                     for k in (0..6).map(key) {
-                        prop_assert_eq!(s.peek(&k, now), m.get(&k).cloned());
+                        prop_assert_eq!(s.peek(&k, now), m.get(&k).map(|(v, t)| (v.as_slice(), *t)));
                     }
                     let want: usize = m.iter().map(|(k, (v, t))| cost(k, v, t.is_some())).sum();
                     prop_assert_eq!(s.len(), m.len());

@@ -2,7 +2,7 @@
 //! and any frame that parses must re-encode to the bytes it consumed (for non-inline input).
 #![no_main]
 
-use dsys_plugin_cache::{encode, parse_command, parse_frame, Limits};
+use dsys_plugin_cache::{encode, frame_len, parse_command, parse_frame, Limits};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -13,7 +13,16 @@ fuzz_target!(|data: &[u8]| {
         max_depth: 8,
     };
     for limits in [Limits::default(), small] {
-        if let Ok(Some((frame, used))) = parse_frame(data, &limits) {
+        // Delimiting a frame without building it (how relayed replies are split) agrees
+        // with parsing it.
+        let parsed = parse_frame(data, &limits);
+        let delimited = frame_len(data, &limits);
+        match (&parsed, &delimited) {
+            (Ok(Some((_, a))), Ok(Some(b))) => assert_eq!(a, b),
+            (Ok(None), Ok(None)) | (Err(_), Err(_)) => {}
+            _ => panic!("parse_frame {parsed:?} but frame_len {delimited:?}"),
+        }
+        if let Ok(Some((frame, used))) = parsed {
             assert!(used <= data.len());
             let mut out = Vec::new();
             encode(&frame, &mut out);
