@@ -270,7 +270,7 @@ fn strings<'a>(store: &mut Store, name: &str, cmd: &[&'a [u8]], now: u64) -> Out
                 nx: true,
                 ..Default::default()
             };
-            match store.set(key, cmd[2].to_vec(), opts, now) {
+            match store.set(key, cmd[2], opts, now) {
                 Ok(o) if o.written => Outcome::wrote(Frame::Integer(1), key),
                 Ok(_) => Outcome::reply(Frame::Integer(0)),
                 Err(e) => Outcome::reply(store_err(e)),
@@ -290,7 +290,7 @@ fn strings<'a>(store: &mut Store, name: &str, cmd: &[&'a [u8]], now: u64) -> Out
                         expire_at: Some(at),
                         ..Default::default()
                     };
-                    match store.set(key, cmd[3].to_vec(), opts, now) {
+                    match store.set(key, cmd[3], opts, now) {
                         Ok(_) => Outcome::wrote(Frame::ok(), key),
                         Err(e) => Outcome::reply(store_err(e)),
                     }
@@ -395,7 +395,8 @@ fn set<'a>(store: &mut Store, cmd: &[&'a [u8]], now: u64) -> Outcome<'a> {
         }
         i += 1;
     }
-    match store.set(key, cmd[2].to_vec(), opts, now) {
+    opts.get = get;
+    match store.set(key, cmd[2], opts, now) {
         Err(e) => Outcome::reply(store_err(e)),
         Ok(o) => {
             let reply = match (get, o.written) {
@@ -465,7 +466,7 @@ fn keys<'a>(store: &mut Store, name: &str, cmd: &[&'a [u8]], now: u64) -> Outcom
         "MSET" if !args.is_empty() && args.len().is_multiple_of(2) => {
             let mut written = SmallVec::new();
             for kv in args.chunks(2) {
-                if let Err(e) = store.set(kv[0], kv[1].to_vec(), SetOptions::default(), now) {
+                if let Err(e) = store.set(kv[0], kv[1], SetOptions::default(), now) {
                     return Outcome {
                         reply: store_err(e),
                         written,

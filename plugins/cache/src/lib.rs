@@ -505,7 +505,7 @@ impl Inner {
         };
         let now = wall_ms();
         let expire_at = self.cfg.read_through_ttl_ms.map(|t| now.saturating_add(t));
-        let stored = self.lock().put(key, value.clone(), expire_at, now).is_ok();
+        let stored = self.lock().put(key, &value, expire_at, now).is_ok();
         if stored {
             self.loads.fetch_add(1, Ordering::Relaxed);
             if self.cfg.replicate {
@@ -699,7 +699,7 @@ impl Inner {
             }
             match it.value {
                 Some(v) => {
-                    if store.put(it.key, v.to_vec(), it.expire_at, now).is_ok() {
+                    if store.put(it.key, v, it.expire_at, now).is_ok() {
                         n += 1;
                     }
                 }

@@ -11,7 +11,10 @@
 //! 8-bit logarithmic counter that decays over time, `volatile-ttl` the sampled key with a TTL
 //! closest to expiry, and `noeviction` refuses the write with an OOM error.
 
-use indexmap::{IndexMap, IndexSet};
+use std::hash::BuildHasher;
+
+use hashbrown::{DefaultHashBuilder, HashTable};
+use indexmap::IndexSet;
 use serde::{Deserialize, Serialize};
 use smallvec::SmallVec;
 
@@ -149,6 +152,8 @@ pub struct SetOptions {
     pub nx: bool,
     /// Only if the key exists (XX).
     pub xx: bool,
+    /// Return the previous value (GET); without it [`SetOutcome::old`] is `None`.
+    pub get: bool,
 }
 
 /// What [`Store::set`] did.
@@ -156,7 +161,7 @@ pub struct SetOptions {
 pub struct SetOutcome {
     /// The write happened (false when NX/XX did not hold).
     pub written: bool,
-    /// The previous value.
+    /// The previous value, when [`SetOptions::get`] asked for it.
     pub old: Option<Vec<u8>>,
 }
 
@@ -165,8 +170,18 @@ struct Entry {
     value: Vec<u8>,
     expire_at: Option<u64>,
     last_access: u64,
-    lfu: u8,
     lfu_touched: u64,
+    /// This key's position in [`Store::hashes`].
+    pos: u32,
+    lfu: u8,
+}
+
+/// A key and its entry, as the table holds them: a lookup reads one slot (after the table's
+/// control bytes), with the key inline for the comparison.
+#[derive(Debug, Clone)]
+struct Slot {
+    key: Key,
+    e: Entry,
 }
 
 const LFU_INIT: u8 = 5;
@@ -175,19 +190,42 @@ const LFU_INIT: u8 = 5;
 #[derive(Debug)]
 pub struct Store {
     cfg: StoreConfig,
-    map: IndexMap<Key, Entry>,
+    table: HashTable<Slot>,
+    /// hashbrown's default: foldhash, seeded per process. A third of the cost of SipHash
+    /// here (two hashes per replicated write), and seeded, so clients cannot aim keys at
+    /// one bucket chain without knowing the seed.
+    hasher: DefaultHashBuilder,
+    /// The hash of every key held, in no particular order; [`Entry::pos`] is where its key's
+    /// is. Eviction samples random positions here (a key is found again from its hash and
+    /// position), which a hash table alone cannot do.
+    hashes: Vec<u64>,
     volatile: IndexSet<Key>,
     used: usize,
     stats: StoreStats,
     rng: u64,
-    /// Position of the last key written: replication reads a write back right after it
-    /// ([`Store::peek`]), and this spares that read a second hash lookup (a cache miss or
-    /// three on a large map). Only a hint: checked against the key before use.
-    last_written: usize,
 }
 
 fn cost(key: &[u8], value: &[u8], volatile: bool) -> usize {
     key.len() + value.len() + ENTRY_OVERHEAD + if volatile { key.len() + 16 } else { 0 }
+}
+
+/// Redis' LFU: decay the counter by the periods elapsed since it was last touched, then a
+/// logarithmic increment (`r` is a uniform draw in 0..1); also the LRU clock.
+fn touch(e: &mut Entry, now: u64, r: f64, factor: f64, decay: u64) {
+    e.last_access = now;
+    let periods = now
+        .saturating_sub(e.lfu_touched)
+        .checked_div(decay)
+        .unwrap_or(0);
+    let mut c = e.lfu.saturating_sub(periods.min(255) as u8);
+    if c < 255 {
+        let base = c.saturating_sub(LFU_INIT) as f64;
+        if r < 1.0 / (base * factor + 1.0) {
+            c += 1;
+        }
+    }
+    e.lfu = c;
+    e.lfu_touched = now;
 }
 
 impl Store {
@@ -196,11 +234,12 @@ impl Store {
         Store {
             rng: cfg.seed | 1,
             cfg,
-            map: IndexMap::new(),
+            table: HashTable::new(),
+            hasher: DefaultHashBuilder::default(),
+            hashes: Vec::new(),
             volatile: IndexSet::new(),
             used: 0,
             stats: StoreStats::default(),
-            last_written: 0,
         }
     }
 
@@ -217,12 +256,12 @@ impl Store {
 
     /// Keys held (expired ones not yet removed included).
     pub fn len(&self) -> usize {
-        self.map.len()
+        self.table.len()
     }
 
     /// True when no key is held.
     pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
+        self.table.is_empty()
     }
 
     /// Keys with a TTL.
@@ -254,41 +293,87 @@ impl Store {
         (self.rand() >> 11) as f64 / (1u64 << 53) as f64
     }
 
+    /// Touch the entry of `key` (found at hash `h`).
+    fn touch_key(&mut self, h: u64, key: &[u8], now: u64) {
+        let r = self.rand_f64();
+        let (factor, decay) = (self.cfg.lfu_log_factor as f64, self.cfg.lfu_decay_ms);
+        if let Some(s) = self.table.find_mut(h, |s| s.key.as_slice() == key) {
+            touch(&mut s.e, now, r, factor, decay);
+        }
+    }
+
+    fn hash(&self, key: &[u8]) -> u64 {
+        self.hasher.hash_one(key)
+    }
+
+    fn find(&self, h: u64, key: &[u8]) -> Option<&Entry> {
+        self.table
+            .find(h, |s| s.key.as_slice() == key)
+            .map(|s| &s.e)
+    }
+
     fn remove_entry(&mut self, key: &[u8]) -> Option<Entry> {
-        let i = self.map.get_index_of(key)?;
-        self.remove_index(i)
+        self.remove_at(self.hash(key), key)
     }
 
-    fn remove_index(&mut self, i: usize) -> Option<Entry> {
-        let (key, e) = self.map.swap_remove_index(i)?;
-        let vol = e.expire_at.is_some();
-        if vol {
-            self.volatile.swap_remove(&key);
-        }
-        self.used = self.used.saturating_sub(cost(&key, &e.value, vol));
-        Some(e)
-    }
-
-    /// The position of `key` if it is held and not expired; an expired entry is removed
-    /// (and counted). One hash lookup: the hot paths (GET, SET) go through here once.
-    fn live(&mut self, key: &[u8], now: u64) -> Option<usize> {
-        let (i, _, e) = self.map.get_full(key)?;
-        if e.expire_at.is_some_and(|t| t <= now) {
-            self.remove_index(i);
-            self.stats.expired += 1;
+    /// Remove `key` (hash `h`) and everything that points at it.
+    fn remove_at(&mut self, h: u64, key: &[u8]) -> Option<Entry> {
+        let Ok(found) = self.table.find_entry(h, |s| s.key.as_slice() == key) else {
             return None;
+        };
+        let (slot, _) = found.remove();
+        self.unlink(slot.e.pos as usize);
+        let vol = slot.e.expire_at.is_some();
+        if vol {
+            self.volatile.swap_remove(slot.key.as_slice());
         }
-        Some(i)
+        self.used = self
+            .used
+            .saturating_sub(cost(&slot.key, &slot.e.value, vol));
+        Some(slot.e)
+    }
+
+    /// Take position `pos` out of `hashes`: the last key's hash moves into it, and that
+    /// key's entry learns its new position.
+    fn unlink(&mut self, pos: usize) {
+        let last = self.hashes.len().wrapping_sub(1);
+        if pos > last {
+            return;
+        }
+        self.hashes.swap_remove(pos);
+        if pos < last {
+            let h = self.hashes[pos];
+            if let Some(s) = self.table.find_mut(h, |s| s.e.pos as usize == last) {
+                s.e.pos = pos as u32;
+            }
+        }
+    }
+
+    /// The entry at position `pos` of `hashes`.
+    fn at(&self, pos: usize) -> Option<&Slot> {
+        let h = *self.hashes.get(pos)?;
+        self.table.find(h, |s| s.e.pos as usize == pos)
+    }
+
+    /// Whether `key` (hash `h`) is held and not expired; an expired entry is removed (and
+    /// counted). The hot paths (GET, SET) look a key up once here; finding it again right
+    /// after reads the same, now cached, slot.
+    fn live(&mut self, h: u64, key: &[u8], now: u64) -> bool {
+        match self.find(h, key) {
+            None => false,
+            Some(e) if e.expire_at.is_some_and(|t| t <= now) => {
+                self.remove_at(h, key);
+                self.stats.expired += 1;
+                false
+            }
+            Some(_) => true,
+        }
     }
 
     /// Remove `key` if its TTL passed; true if it did.
     fn expire_if_due(&mut self, key: &[u8], now: u64) -> bool {
-        let due = matches!(self.map.get(key), Some(e) if e.expire_at.is_some_and(|t| t <= now));
-        if due {
-            self.remove_entry(key);
-            self.stats.expired += 1;
-        }
-        due
+        let h = self.hash(key);
+        self.find(h, key).is_some() && !self.live(h, key, now)
     }
 
     fn lfu_decayed(&self, e: &Entry, now: u64) -> u8 {
@@ -297,29 +382,6 @@ impl Store {
         }
         let periods = now.saturating_sub(e.lfu_touched) / self.cfg.lfu_decay_ms;
         e.lfu.saturating_sub(periods.min(255) as u8)
-    }
-
-    fn touch(&mut self, i: usize, now: u64) {
-        let r = self.rand_f64();
-        let (factor, decay) = (self.cfg.lfu_log_factor as f64, self.cfg.lfu_decay_ms);
-        let Some((_, e)) = self.map.get_index_mut(i) else {
-            return;
-        };
-        e.last_access = now;
-        // Redis' LFU: decay by elapsed periods, then a logarithmic increment.
-        let periods = now
-            .saturating_sub(e.lfu_touched)
-            .checked_div(decay)
-            .unwrap_or(0);
-        let mut c = e.lfu.saturating_sub(periods.min(255) as u8);
-        if c < 255 {
-            let base = c.saturating_sub(LFU_INIT) as f64;
-            if r < 1.0 / (base * factor + 1.0) {
-                c += 1;
-            }
-        }
-        e.lfu = c;
-        e.lfu_touched = now;
     }
 
     /// Make room for `extra` more bytes; `protect` is the key being written (never evicted).
@@ -361,23 +423,23 @@ impl Store {
                 idx.into_iter()
                     .filter_map(|i| self.volatile.get_index(i))
                     .filter(|k| k.as_slice() != protect)
-                    .filter_map(|k| Some((self.map.get(k)?.expire_at?, k)))
+                    .filter_map(|k| Some((self.find(self.hash(k), k)?.expire_at?, k)))
                     .min_by_key(|(t, _)| *t)
                     .map(|(_, k)| k.to_vec())
             }
             Policy::AllkeysLru | Policy::AllkeysLfu => {
                 let lfu = self.cfg.policy == Policy::AllkeysLfu;
-                let idx = self.sample(self.map.len());
+                let idx = self.sample(self.hashes.len());
                 idx.into_iter()
-                    .filter_map(|i| self.map.get_index(i))
-                    .filter(|(k, _)| k.as_slice() != protect)
-                    .map(|(k, e)| {
+                    .filter_map(|i| self.at(i))
+                    .filter(|s| s.key.as_slice() != protect)
+                    .map(|s| {
                         let score = if lfu {
-                            (self.lfu_decayed(e, now) as u64, e.last_access)
+                            (self.lfu_decayed(&s.e, now) as u64, s.e.last_access)
                         } else {
-                            (e.last_access, 0)
+                            (s.e.last_access, 0)
                         };
-                        (score, k)
+                        (score, &s.key)
                     })
                     .min_by_key(|(s, _)| *s)
                     .map(|(_, k)| k.to_vec())
@@ -387,67 +449,61 @@ impl Store {
 
     /// Read `key`, counting a hit or a miss.
     pub fn get(&mut self, key: &[u8], now: u64) -> Option<Vec<u8>> {
-        match self.live(key, now) {
-            Some(i) => {
-                self.stats.hits += 1;
-                self.touch(i, now);
-                self.map.get_index(i).map(|(_, e)| e.value.clone())
-            }
-            None => {
-                self.stats.misses += 1;
-                None
-            }
+        let h = self.hash(key);
+        if !self.live(h, key, now) {
+            self.stats.misses += 1;
+            return None;
         }
+        self.stats.hits += 1;
+        self.touch_key(h, key, now);
+        self.find(h, key).map(|e| e.value.clone())
     }
 
     /// Whether `key` exists (not counted as a hit or miss).
     pub fn exists(&mut self, key: &[u8], now: u64) -> bool {
-        self.live(key, now).is_some()
+        let h = self.hash(key);
+        self.live(h, key, now)
     }
 
     /// The value and absolute expiry of `key`, without touching it (for replication).
     pub fn peek(&mut self, key: &[u8], now: u64) -> Option<(&[u8], Option<u64>)> {
-        let hint = matches!(self.map.get_index(self.last_written),
-            Some((k, e)) if k.as_slice() == key && !e.expire_at.is_some_and(|t| t <= now));
-        let i = if hint {
-            self.last_written
-        } else {
-            self.live(key, now)?
-        };
-        self.map
-            .get_index(i)
-            .map(|(_, e)| (e.value.as_slice(), e.expire_at))
+        let h = self.hash(key);
+        if !self.live(h, key, now) {
+            return None;
+        }
+        self.find(h, key).map(|e| (e.value.as_slice(), e.expire_at))
     }
 
     /// Write `value` under `key` according to `opts`.
     pub fn set(
         &mut self,
         key: &[u8],
-        value: Vec<u8>,
+        value: &[u8],
         opts: SetOptions,
         now: u64,
     ) -> Result<SetOutcome, StoreError> {
         if value.len() > self.cfg.max_value {
             return Err(StoreError::TooLarge);
         }
-        let cur = self.live(key, now);
-        let exists = cur.is_some();
+        let h = self.hash(key);
+        let exists = self.live(h, key, now);
         if (opts.nx && exists) || (opts.xx && !exists) {
-            let old = cur
-                .and_then(|i| self.map.get_index(i))
-                .map(|(_, e)| e.value.clone());
+            let old = if opts.get {
+                self.find(h, key).map(|e| e.value.clone())
+            } else {
+                None
+            };
             return Ok(SetOutcome {
                 written: false,
                 old,
             });
         }
         let expire_at = if opts.keep_ttl {
-            cur.and_then(|i| self.map.get_index(i))
-                .and_then(|(_, e)| e.expire_at)
+            self.find(h, key).and_then(|e| e.expire_at)
         } else {
             opts.expire_at
         };
-        let old = self.put_at(key, cur, value, expire_at, now)?;
+        let old = self.put_at(h, key, value, expire_at, now, opts.get)?;
         Ok(SetOutcome { written: true, old })
     }
 
@@ -456,32 +512,35 @@ impl Store {
     pub fn put(
         &mut self,
         key: &[u8],
-        value: Vec<u8>,
+        value: &[u8],
         expire_at: Option<u64>,
         now: u64,
     ) -> Result<(), StoreError> {
-        let cur = self.map.get_index_of(key);
-        self.put_at(key, cur, value, expire_at, now).map(|_| ())
+        let h = self.hash(key);
+        self.put_at(h, key, value, expire_at, now, false)
+            .map(|_| ())
     }
 
-    /// [`Store::put`] for a key found at position `cur` (or absent): replaces the value in
-    /// place, so writing an existing key costs no further lookup. Returns the old value.
+    /// [`Store::put`] for a key whose hash is `h`: replaces the value in place when the
+    /// key is held. Returns the old value if `keep_old`.
     fn put_at(
         &mut self,
+        h: u64,
         key: &[u8],
-        mut cur: Option<usize>,
-        value: Vec<u8>,
+        value: &[u8],
         expire_at: Option<u64>,
         now: u64,
+        keep_old: bool,
     ) -> Result<Option<Vec<u8>>, StoreError> {
         if expire_at.is_some_and(|t| t <= now) {
-            return Ok(cur.and_then(|i| self.remove_index(i)).map(|e| e.value));
+            let old = self.remove_at(h, key).map(|e| e.value);
+            return Ok(old.filter(|_| keep_old));
         }
         let volatile = expire_at.is_some();
-        let new_cost = cost(key, &value, volatile);
-        let old_cost = cur
-            .and_then(|i| self.map.get_index(i))
-            .map(|(_, e)| cost(key, &e.value, e.expire_at.is_some()))
+        let new_cost = cost(key, value, volatile);
+        let old_cost = self
+            .find(h, key)
+            .map(|e| cost(key, &e.value, e.expire_at.is_some()))
             .unwrap_or(0);
         let max = self.cfg.maxmemory;
         if max > 0 && new_cost > max {
@@ -489,16 +548,29 @@ impl Store {
         }
         let extra = new_cost.saturating_sub(old_cost);
         if max > 0 && self.used.saturating_add(extra) > max {
+            // Never evicts `key` itself, and removals leave other slots where they are.
             self.make_room(extra, key, now)?;
-            // Evictions move entries around: find the key again.
-            cur = self.map.get_index_of(key);
         }
-        let (i, old) = match cur.and_then(|i| self.map.get_index_mut(i).map(|(_, e)| (i, e))) {
-            Some((i, e)) => {
-                let was_volatile = e.expire_at.is_some();
-                let old = std::mem::replace(&mut e.value, value);
-                e.expire_at = expire_at;
-                e.last_access = now;
+        if self.hashes.len() >= u32::MAX as usize && old_cost == 0 {
+            return Err(StoreError::Oom);
+        }
+        let old = match self.table.find_mut(h, |s| s.key.as_slice() == key) {
+            Some(s) => {
+                let was_volatile = s.e.expire_at.is_some();
+                let old = if keep_old {
+                    Some(std::mem::replace(&mut s.e.value, value.to_vec()))
+                } else {
+                    // Overwrite in place when the old buffer is not much larger: a
+                    // rewritten key then costs no allocation.
+                    if s.e.value.capacity() <= value.len().saturating_mul(2).saturating_add(64) {
+                        s.e.value.clear();
+                        s.e.value.extend_from_slice(value);
+                    } else {
+                        s.e.value = value.to_vec();
+                    }
+                    None
+                };
+                s.e.expire_at = expire_at;
                 match (was_volatile, volatile) {
                     (false, true) => {
                         self.volatile.insert(Key::from_slice(key));
@@ -508,35 +580,40 @@ impl Store {
                     }
                     _ => {}
                 }
-                (i, Some(old))
+                old
             }
             None => {
-                let (i, _) = self.map.insert_full(
-                    Key::from_slice(key),
-                    Entry {
-                        value,
+                let pos = self.hashes.len() as u32;
+                self.hashes.push(h);
+                let slot = Slot {
+                    key: Key::from_slice(key),
+                    e: Entry {
+                        value: value.to_vec(),
                         expire_at,
                         last_access: now,
-                        lfu: LFU_INIT,
                         lfu_touched: now,
+                        pos,
+                        lfu: LFU_INIT,
                     },
-                );
+                };
+                let hasher = &self.hasher;
+                self.table
+                    .insert_unique(h, slot, |s| hasher.hash_one(s.key.as_slice()));
                 if volatile {
                     self.volatile.insert(Key::from_slice(key));
                 }
-                (i, None)
+                None
             }
         };
         self.used = self.used.saturating_sub(old_cost).saturating_add(new_cost);
-        self.last_written = i;
-        self.touch(i, now);
+        self.touch_key(h, key, now);
         Ok(old)
     }
 
     /// Delete `key`; true if it existed.
     pub fn del(&mut self, key: &[u8], now: u64) -> bool {
-        self.expire_if_due(key, now);
-        self.remove_entry(key).is_some()
+        let h = self.hash(key);
+        self.live(h, key, now) && self.remove_at(h, key).is_some()
     }
 
     /// Read and delete `key` (counts a hit or miss).
@@ -561,13 +638,16 @@ impl Store {
             return true;
         }
         // Re-insert with the new expiry; it costs at most the volatile index entry.
-        self.put(key, value, at, now).is_ok()
+        self.put(key, &value, at, now).is_ok()
     }
 
     /// Time to live of `key`.
     pub fn ttl(&mut self, key: &[u8], now: u64) -> Ttl {
-        self.expire_if_due(key, now);
-        match self.map.get(key) {
+        let h = self.hash(key);
+        if !self.live(h, key, now) {
+            return Ttl::Missing;
+        }
+        match self.find(h, key) {
             None => Ttl::Missing,
             Some(e) => match e.expire_at {
                 None => Ttl::Persistent,
@@ -589,7 +669,7 @@ impl Store {
             }
         };
         let next = cur.checked_add(delta).ok_or(StoreError::Overflow)?;
-        self.put(key, next.to_string().into_bytes(), ttl, now)?;
+        self.put(key, next.to_string().as_bytes(), ttl, now)?;
         Ok(next)
     }
 
@@ -604,14 +684,17 @@ impl Store {
         }
         v.extend_from_slice(more);
         let n = v.len();
-        self.put(key, v, ttl, now)?;
+        self.put(key, &v, ttl, now)?;
         Ok(n)
     }
 
     /// Length of the value at `key` (0 when missing).
     pub fn strlen(&mut self, key: &[u8], now: u64) -> usize {
-        self.expire_if_due(key, now);
-        self.map.get(key).map(|e| e.value.len()).unwrap_or(0)
+        let h = self.hash(key);
+        if !self.live(h, key, now) {
+            return 0;
+        }
+        self.find(h, key).map(|e| e.value.len()).unwrap_or(0)
     }
 
     /// One active expiry step: sample up to `budget` keys with a TTL and remove the expired
@@ -637,26 +720,42 @@ impl Store {
 
     /// Every held key (a snapshot).
     pub fn keys(&self) -> Vec<Vec<u8>> {
-        self.map.keys().map(|k| k.to_vec()).collect()
+        self.table.iter().map(|s| s.key.to_vec()).collect()
     }
 
     /// How many held keys satisfy `pred` (expired ones not yet removed included).
     pub fn count_keys(&self, mut pred: impl FnMut(&[u8]) -> bool) -> usize {
-        self.map.keys().filter(|k| pred(k)).count()
+        self.table.iter().filter(|s| pred(&s.key)).count()
     }
 
     /// Delete every key starting with `prefix`; how many were deleted.
     pub fn remove_prefix(&mut self, prefix: &[u8]) -> usize {
         let keys: Vec<Vec<u8>> = self
-            .map
-            .keys()
-            .filter(|k| k.starts_with(prefix))
-            .map(|k| k.to_vec())
+            .table
+            .iter()
+            .filter(|s| s.key.starts_with(prefix))
+            .map(|s| s.key.to_vec())
             .collect();
         for k in &keys {
             self.remove_entry(k);
         }
         keys.len()
+    }
+}
+
+#[cfg(test)]
+impl Store {
+    fn entry(&self, key: &[u8]) -> Option<&Entry> {
+        self.find(self.hash(key), key)
+    }
+
+    /// Every key has one position, and every position leads back to its key.
+    fn check_positions(&self) {
+        assert_eq!(self.table.len(), self.hashes.len());
+        for pos in 0..self.hashes.len() {
+            let s = self.at(pos).expect("every position leads to an entry");
+            assert_eq!(self.hash(&s.key), self.hashes[pos]);
+        }
     }
 }
 
@@ -674,12 +773,7 @@ mod tests {
     }
 
     fn set(s: &mut Store, k: &str, v: &str, now: u64) -> Result<SetOutcome, StoreError> {
-        s.set(
-            k.as_bytes(),
-            v.as_bytes().to_vec(),
-            SetOptions::default(),
-            now,
-        )
+        s.set(k.as_bytes(), v.as_bytes(), SetOptions::default(), now)
     }
 
     #[test]
@@ -701,10 +795,11 @@ mod tests {
             let o = s
                 .set(
                     b"k",
-                    b"new".to_vec(),
+                    b"new",
                     SetOptions {
                         nx,
                         xx,
+                        get: true,
                         ..Default::default()
                     },
                     1,
@@ -728,8 +823,8 @@ mod tests {
             expire_at: Some(t),
             ..Default::default()
         };
-        s.set(b"a", b"1".to_vec(), at(100), 0).expect("set");
-        s.set(b"b", b"1".to_vec(), at(200), 0).expect("set");
+        s.set(b"a", b"1", at(100), 0).expect("set");
+        s.set(b"b", b"1", at(200), 0).expect("set");
         set(&mut s, "c", "1", 0).expect("set");
         assert_eq!(s.ttl(b"a", 40), Ttl::Ms(60));
         assert_eq!(s.ttl(b"c", 40), Ttl::Persistent);
@@ -742,7 +837,7 @@ mod tests {
         assert_eq!(s.len(), 1);
         assert_eq!(s.volatile_len(), 0);
         // PERSIST and EXPIRE in the past.
-        s.set(b"d", b"1".to_vec(), at(1000), 300).expect("set");
+        s.set(b"d", b"1", at(1000), 300).expect("set");
         assert!(s.set_expiry(b"d", None, 300));
         assert_eq!(s.ttl(b"d", 2000), Ttl::Persistent);
         assert!(s.set_expiry(b"d", Some(10), 300));
@@ -782,7 +877,7 @@ mod tests {
                 expire_at: (i % 2 == 0).then_some(1000),
                 ..Default::default()
             };
-            s.set(format!("k{i}").as_bytes(), vec![0; i], o, 0)
+            s.set(format!("k{i}").as_bytes(), &vec![0; i], o, 0)
                 .expect("set");
         }
         assert!(s.used_memory() > 100 * ENTRY_OVERHEAD);
@@ -814,7 +909,7 @@ mod tests {
             set(&mut s, "b", &"x".repeat(100), 10).expect("b");
             s.set(
                 b"c",
-                vec![b'x'; 84],
+                &vec![b'x'; 84],
                 SetOptions {
                     expire_at: Some(10_000),
                     ..Default::default()
@@ -859,9 +954,9 @@ mod tests {
         for _ in 0..10_000 {
             s.get(b"k", 0);
         }
-        let hot = s.map.get(&b"k"[..]).map(|e| e.lfu).unwrap_or(0);
+        let hot = s.entry(b"k").map(|e| e.lfu).unwrap_or(0);
         assert!(hot > 15 && hot < 255, "{hot}");
-        let e = s.map.get(&b"k"[..]).cloned().expect("entry");
+        let e = s.entry(b"k").cloned().expect("entry");
         assert_eq!(s.lfu_decayed(&e, 60_000 * 10), hot - 10);
     }
 
@@ -874,7 +969,7 @@ mod tests {
         for i in 0..1000u64 {
             s.set(
                 format!("k{i:04}").as_bytes(),
-                b"vvvvv".to_vec(),
+                b"vvvvv",
                 SetOptions::default(),
                 i,
             )
@@ -882,6 +977,7 @@ mod tests {
         }
         assert!(s.used_memory() <= 100 * (ENTRY_OVERHEAD + 10));
         assert!(s.stats().evictions >= 900);
+        s.check_positions();
         // Recent keys survive far more often than old ones (sampled LRU).
         let recent = (900..1000)
             .filter(|i| s.exists(format!("k{i:04}").as_bytes(), 2000))
@@ -892,10 +988,11 @@ mod tests {
         assert!(recent > old, "{recent} vs {old}");
         let n = s.len();
         let want = (900..1000)
-            .filter(|i| s.map.contains_key(format!("k{i:04}").as_bytes()))
+            .filter(|i| s.entry(format!("k{i:04}").as_bytes()).is_some())
             .count();
         assert_eq!(s.remove_prefix(b"k09"), want);
         assert_eq!(s.len(), n - want);
+        s.check_positions();
     }
 
     /// Random writes, reads, deletes and expiries on a few keys agree with a plain map model
@@ -961,10 +1058,14 @@ mod tests {
                                 keep_ttl: keep && t.is_none(),
                                 nx,
                                 xx: xx && !nx,
+                                // Both ways: returning the old value, and overwriting it
+                                // in place.
+                                get: xx,
                             };
                             let cur = m.get(&k).cloned();
-                            let o = s.set(&k, v.clone(), opts, now).expect("set");
-                            prop_assert_eq!(o.old, cur.as_ref().map(|c| c.0.clone()));
+                            let o = s.set(&k, &v, opts, now).expect("set");
+                            let want = cur.as_ref().map(|c| c.0.clone()).filter(|_| opts.get);
+                            prop_assert_eq!(o.old, want);
                             let write = !(opts.nx && cur.is_some() || opts.xx && cur.is_none());
                             prop_assert_eq!(o.written, write);
                             if write {
@@ -975,7 +1076,7 @@ mod tests {
                         Op::Put(k, v, t) => {
                             let (k, v) = (key(k), val(v));
                             let at = t.map(|t| now + t as u64);
-                            s.put(&k, v.clone(), at, now).expect("put");
+                            s.put(&k, &v, at, now).expect("put");
                             if at.is_some_and(|t| t <= now) {
                                 m.remove(&k);
                             } else {
@@ -1008,6 +1109,7 @@ mod tests {
                     for k in (0..6).map(key) {
                         prop_assert_eq!(s.peek(&k, now), m.get(&k).map(|(v, t)| (v.as_slice(), *t)));
                     }
+                    s.check_positions();
                     let want: usize = m.iter().map(|(k, (v, t))| cost(k, v, t.is_some())).sum();
                     prop_assert_eq!(s.len(), m.len());
                     prop_assert_eq!(s.used_memory(), want);
