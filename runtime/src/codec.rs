@@ -94,7 +94,7 @@ mod tests {
     #[test]
     fn roundtrip_and_garbage() {
         let v = (String::from("abc"), 42u64, vec![1u8, 2, 3]);
-        let b = encode(&v).unwrap();
+        let b = encode(&v).expect("encode");
         let back: (String, u64, Vec<u8>) = decode(&b).unwrap();
         assert_eq!(back, v);
         // A claimed string length far larger than the buffer must error, not allocate.
@@ -108,13 +108,13 @@ mod tests {
     #[test]
     fn byte_strings_match_byte_vectors_on_the_wire() {
         let v = vec![0u8, 1, 200, 255, 7];
-        let plain = encode(&v).unwrap();
-        let flat = encode(&ByteBuf(v.clone())).unwrap();
+        let plain = encode(&v).expect("encode");
+        let flat = encode(&ByteBuf(v.clone())).expect("encode");
         assert_eq!(plain, flat);
-        assert_eq!(decode::<ByteBuf>(&plain).unwrap().0, v);
+        assert_eq!(decode::<ByteBuf>(&plain).expect("decode").0, v);
         // A length beyond what the frame holds is refused, not allocated.
         assert!(decode::<ByteBuf>(&[0xfc, 0xff, 0xff, 0xff, 0x7f, 1]).is_err());
-        let json = serde_json::to_string(&ByteBuf(v.clone())).unwrap();
-        assert_eq!(serde_json::from_str::<ByteBuf>(&json).unwrap().0, v);
+        let json = serde_json::to_string(&ByteBuf(v.clone())).expect("json");
+        assert_eq!(serde_json::from_str::<ByteBuf>(&json).expect("json").0, v);
     }
 }

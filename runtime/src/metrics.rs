@@ -42,7 +42,10 @@ impl Histogram {
     }
 }
 
-type Key = (String, String); // (name, rendered labels)
+/// A series: its name, a newline, its rendered labels (a newline never appears in a name
+/// and is escaped in label values). One string, so an update can look the series up from a
+/// reused buffer without allocating.
+type Key = String;
 
 /// The registry of one node.
 #[derive(Debug, Default)]
@@ -53,19 +56,61 @@ pub struct Metrics {
     help: Mutex<BTreeMap<&'static str, (&'static str, &'static str)>>,
 }
 
-fn labels(l: &[(&str, &str)]) -> String {
-    let mut s = String::new();
+/// Append `l` as Prometheus labels (`k="v",...`, values escaped) to `s`.
+fn write_labels(s: &mut String, l: &[(&str, &str)]) {
     for (i, (k, v)) in l.iter().enumerate() {
         if i > 0 {
             s.push(',');
         }
-        let v = v
-            .replace('\\', "\\\\")
-            .replace('"', "\\\"")
-            .replace('\n', "\\n");
-        let _ = write!(s, "{k}=\"{v}\"");
+        s.push_str(k);
+        s.push_str("=\"");
+        for c in v.chars() {
+            match c {
+                '\\' => s.push_str("\\\\"),
+                '"' => s.push_str("\\\""),
+                '\n' => s.push_str("\\n"),
+                c => s.push(c),
+            }
+        }
+        s.push('"');
     }
-    s
+}
+
+/// Run `f` with the key of series (`name`, `l`), built in a per-thread buffer: updates on
+/// hot paths (every RPC records several) cost no allocation once the series exists.
+fn with_key<R>(name: &str, l: &[(&str, &str)], f: impl FnOnce(&str) -> R) -> R {
+    thread_local! {
+        static BUF: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+    }
+    BUF.with(|b| match b.try_borrow_mut() {
+        Ok(mut b) => {
+            b.clear();
+            b.push_str(name);
+            b.push('\n');
+            write_labels(&mut b, l);
+            f(&b)
+        }
+        // Only if `f` itself recorded a metric: fall back to a fresh string.
+        Err(_) => {
+            let mut s = format!("{name}\n");
+            write_labels(&mut s, l);
+            f(&s)
+        }
+    })
+}
+
+/// Find the series `key` in `map`, creating it on first use, and run `f` on it.
+fn update<V: Default>(map: &DashMap<Key, V>, key: &str, f: impl FnOnce(&V)) {
+    if let Some(v) = map.get(key) {
+        f(v.value());
+        return;
+    }
+    f(map.entry(key.to_string()).or_default().value());
+}
+
+/// A series key split back into its name and rendered labels.
+fn split_key(k: &str) -> (&str, &str) {
+    k.split_once('\n').unwrap_or((k, ""))
 }
 
 impl Metrics {
@@ -79,36 +124,34 @@ impl Metrics {
 
     /// Add `n` to a counter.
     pub fn add(&self, name: &str, l: &[(&str, &str)], n: u64) {
-        self.counters
-            .entry((name.to_string(), labels(l)))
-            .or_default()
-            .fetch_add(n, Ordering::Relaxed);
+        with_key(name, l, |k| {
+            update(&self.counters, k, |c| {
+                c.fetch_add(n, Ordering::Relaxed);
+            })
+        });
     }
 
     /// Set a counter to `v`: for a plugin exporting a count it keeps itself (see
     /// [`crate::Plugin::export_metrics`]). It may go down only when the plugin restarts,
     /// which Prometheus reads as a counter reset.
     pub fn set_counter(&self, name: &str, l: &[(&str, &str)], v: u64) {
-        self.counters
-            .entry((name.to_string(), labels(l)))
-            .or_default()
-            .store(v, Ordering::Relaxed);
+        with_key(name, l, |k| {
+            update(&self.counters, k, |c| c.store(v, Ordering::Relaxed))
+        });
     }
 
     /// Set a gauge.
     pub fn set(&self, name: &str, l: &[(&str, &str)], v: u64) {
-        self.gauges
-            .entry((name.to_string(), labels(l)))
-            .or_default()
-            .store(v, Ordering::Relaxed);
+        with_key(name, l, |k| {
+            update(&self.gauges, k, |g| g.store(v, Ordering::Relaxed))
+        });
     }
 
     /// Record a latency in seconds.
     pub fn observe(&self, name: &str, l: &[(&str, &str)], secs: f64) {
-        self.histograms
-            .entry((name.to_string(), labels(l)))
-            .or_default()
-            .observe(secs);
+        with_key(name, l, |k| {
+            update(&self.histograms, k, |h| h.observe(secs))
+        });
     }
 
     /// Prometheus text exposition format.
@@ -124,22 +167,22 @@ impl Metrics {
             }
         };
         for e in self.counters.iter() {
-            let ((n, l), v) = (e.key(), e.value().load(Ordering::Relaxed));
+            let ((n, l), v) = (split_key(e.key()), e.value().load(Ordering::Relaxed));
             by_name
-                .entry(n.clone())
+                .entry(n.to_string())
                 .or_default()
                 .push(format!("{} {v}", sel(n, l)));
         }
         for e in self.gauges.iter() {
-            let ((n, l), v) = (e.key(), e.value().load(Ordering::Relaxed));
+            let ((n, l), v) = (split_key(e.key()), e.value().load(Ordering::Relaxed));
             by_name
-                .entry(n.clone())
+                .entry(n.to_string())
                 .or_default()
                 .push(format!("{} {v}", sel(n, l)));
         }
         for e in self.histograms.iter() {
-            let ((n, l), h) = (e.key(), e.value());
-            let lines = by_name.entry(n.clone()).or_default();
+            let ((n, l), h) = (split_key(e.key()), e.value());
+            let lines = by_name.entry(n.to_string()).or_default();
             let mut cum = 0;
             let sep = if l.is_empty() { "" } else { "," };
             for (i, b) in BUCKETS.iter().enumerate() {

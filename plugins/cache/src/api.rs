@@ -383,11 +383,11 @@ mod tests {
         let mut two = ReplBatch::default();
         two.append(&b);
         two.append(&b);
-        assert_eq!(b.items().unwrap(), items);
+        assert_eq!(b.items().expect("items"), items);
         assert_eq!(two.len(), 6);
-        assert_eq!(two.items().unwrap()[3..], items);
-        let bytes = dsys_runtime::encode(&two).unwrap();
-        let back: ReplBatch = dsys_runtime::decode(&bytes).unwrap();
+        assert_eq!(two.items().expect("items")[3..], items);
+        let bytes = dsys_runtime::encode(&two).expect("encode");
+        let back: ReplBatch = dsys_runtime::decode(&bytes).expect("decode");
         assert_eq!(back, two);
         // Every truncation, a count that lies, and unknown flags are refused.
         for cut in 0..b.buf.len() {

@@ -278,7 +278,7 @@ fn strings<'a>(store: &mut Store, name: &str, cmd: &[&'a [u8]], now: u64) -> Out
         }
         "SETEX" | "PSETEX" => {
             let unit = if name == "SETEX" { 1000 } else { 1 };
-            match parse_i64(&cmd[2]) {
+            match parse_i64(cmd[2]) {
                 Some(t) if t > 0 => {
                     let Some(at) = (t as u64)
                         .checked_mul(unit)
@@ -319,11 +319,11 @@ fn strings<'a>(store: &mut Store, name: &str, cmd: &[&'a [u8]], now: u64) -> Out
             let by = match name {
                 "INCR" => Some(1),
                 "DECR" => Some(-1),
-                "INCRBY" => parse_i64(&cmd[2]),
-                _ => parse_i64(&cmd[2]).and_then(i64::checked_neg),
+                "INCRBY" => parse_i64(cmd[2]),
+                _ => parse_i64(cmd[2]).and_then(i64::checked_neg),
             };
             let Some(by) = by else {
-                return Outcome::reply(if name == "DECRBY" && parse_i64(&cmd[2]).is_some() {
+                return Outcome::reply(if name == "DECRBY" && parse_i64(cmd[2]).is_some() {
                     Frame::err("ERR decrement would overflow")
                 } else {
                     not_int()
@@ -334,7 +334,7 @@ fn strings<'a>(store: &mut Store, name: &str, cmd: &[&'a [u8]], now: u64) -> Out
                 Err(e) => Outcome::reply(store_err(e)),
             }
         }
-        "APPEND" => match store.append(key, &cmd[2], now) {
+        "APPEND" => match store.append(key, cmd[2], now) {
             Ok(n) => Outcome::wrote(Frame::Integer(n as i64), key),
             Err(e) => Outcome::reply(store_err(e)),
         },
@@ -358,7 +358,7 @@ fn set<'a>(store: &mut Store, cmd: &[&'a [u8]], now: u64) -> Outcome<'a> {
     let mut expiry_given = false;
     let mut i = 3;
     while i < cmd.len() {
-        let opt = String::from_utf8_lossy(&cmd[i]).to_ascii_uppercase();
+        let opt = String::from_utf8_lossy(cmd[i]).to_ascii_uppercase();
         match opt.as_str() {
             "NX" if !opts.xx => opts.nx = true,
             "XX" if !opts.nx => opts.xx = true,
@@ -416,7 +416,7 @@ fn set<'a>(store: &mut Store, cmd: &[&'a [u8]], now: u64) -> Outcome<'a> {
 /// EXPIRE key seconds [NX|XX|GT|LT] and friends.
 fn expire<'a>(store: &mut Store, name: &str, cmd: &[&'a [u8]], now: u64) -> Outcome<'a> {
     let key = cmd[1];
-    let Some(n) = parse_i64(&cmd[2]) else {
+    let Some(n) = parse_i64(cmd[2]) else {
         return Outcome::reply(not_int());
     };
     let at: Option<i128> = match name {
@@ -517,7 +517,7 @@ fn server<'a>(store: &mut Store, name: &str, cmd: &[&'a [u8]], env: &Env) -> Out
                 quit: true,
             }
         }
-        "SELECT" if n == 2 => match parse_i64(&cmd[1]) {
+        "SELECT" if n == 2 => match parse_i64(cmd[1]) {
             Some(0) => Frame::ok(),
             Some(_) => Frame::err("ERR DB index is out of range"),
             None => not_int(),
@@ -532,7 +532,7 @@ fn server<'a>(store: &mut Store, name: &str, cmd: &[&'a [u8]], env: &Env) -> Out
             "SET" | "RESETSTAT" | "REWRITE" => Frame::ok(),
             _ => Frame::err(format!(
                 "ERR unknown subcommand '{}'. Try CONFIG HELP.",
-                String::from_utf8_lossy(&cmd[1])
+                String::from_utf8_lossy(cmd[1])
             )),
         },
         "CLIENT" if n >= 2 => match arg_upper(cmd, 1).as_str() {

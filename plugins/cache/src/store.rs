@@ -909,7 +909,7 @@ mod tests {
             set(&mut s, "b", &"x".repeat(100), 10).expect("b");
             s.set(
                 b"c",
-                &vec![b'x'; 84],
+                &[b'x'; 84],
                 SetOptions {
                     expire_at: Some(10_000),
                     ..Default::default()
