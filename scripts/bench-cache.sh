@@ -44,20 +44,35 @@ wait_resp() { # port: until the node's RESP listener answers PING (plugins start
   echo "bench-cache: nothing answers RESP on port $1" >&2; return 1
 }
 
+# The script starts its own 1- and 3-node clusters: nodes left running would join them.
+for p in 7401 7402 7403 7404 7405; do
+  if [ "$(redis-cli -p "$p" ping 2>/dev/null)" = PONG ]; then
+    echo "bench-cache: a node already answers on port $p; stop it first (scripts/cluster.sh down)" >&2
+    exit 1
+  fi
+done
+
 redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no \
   --daemonize yes --pidfile "$PWD/$RUN/bench-redis.pid" --logfile "$PWD/$RUN/bench-redis.log"
 trap 'kill "$(cat "$RUN/bench-redis.pid" 2>/dev/null)" 2>/dev/null || true; scripts/cluster.sh down >/dev/null 2>&1 || true' EXIT
 sleep 0.5
 
+# An untimed pass before each target's measured runs, the same for redis-server and dsys: a
+# node that has just started is still starting its other plugins and settling membership,
+# and that CPU would otherwise be charged to the first measured run.
+warm() { redis-benchmark -p "$1" -t set,get -n 50000 -c "$C" -r 100000 -q >/dev/null 2>&1 || true; sleep 1; }
+
 node_pids() { local f; for f in "$RUN"/pids/n*.pid; do cat "$f"; done | tr '\n' ' '; }
 
 declare -A R
+warm "$REDIS_PORT"
 PIDS=$(cat "$RUN/bench-redis.pid")
 read -r R[redis_set] R[redis_get] R[redis_set_c] R[redis_get_c] < <(bench "$REDIS_PORT")
 read -r R[redisP_set] R[redisP_get] R[redisP_set_c] R[redisP_get_c] < <(bench "$REDIS_PORT" -P 16)
 
 scripts/cluster.sh up 1 >/dev/null
 wait_resp 7401
+warm 7401
 PIDS=$(node_pids)
 read -r R[one_set] R[one_get] R[one_set_c] R[one_get_c] < <(bench 7401)
 read -r R[oneP_set] R[oneP_get] R[oneP_set_c] R[oneP_get_c] < <(bench 7401 -P 16)
@@ -65,6 +80,7 @@ scripts/cluster.sh down >/dev/null
 
 scripts/cluster.sh up 3 >/dev/null   # returns once every node sees the 3 alive
 for p in 7401 7402 7403; do wait_resp $p; done
+warm 7401
 PIDS=$(node_pids)
 read -r R[three_set] R[three_get] R[three_set_c] R[three_get_c] < <(bench 7401)
 read -r R[threeP_set] R[threeP_get] R[threeP_set_c] R[threeP_get_c] < <(bench 7401 -P 16)
