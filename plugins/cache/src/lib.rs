@@ -468,19 +468,12 @@ impl Inner {
         let r = self.ctx.rpc.call::<KvApi>(self.me(), &req).await;
         if r.is_err() {
             self.lock().del(key, wall_ms());
-            let ring = self.ctx.ring();
-            let mut out = ReplOut::default();
-            out.add(
-                &ring,
-                self.me(),
-                ReplItem {
-                    key,
-                    value: None,
-                    expire_at: None,
-                    if_absent: false,
-                },
-            );
-            self.send_repl(out);
+            self.replicate_one(ReplItem {
+                key,
+                value: None,
+                expire_at: None,
+                if_absent: false,
+            });
         }
         r.map(|_| ())
     }
@@ -509,19 +502,12 @@ impl Inner {
         if stored {
             self.loads.fetch_add(1, Ordering::Relaxed);
             if self.cfg.replicate {
-                let ring = self.ctx.ring();
-                let mut out = ReplOut::default();
-                out.add(
-                    &ring,
-                    self.me(),
-                    ReplItem {
-                        key,
-                        value: Some(&value),
-                        expire_at,
-                        if_absent: false,
-                    },
-                );
-                self.send_repl(out);
+                self.replicate_one(ReplItem {
+                    key,
+                    value: Some(&value),
+                    expire_at,
+                    if_absent: false,
+                });
             }
         }
         Some(value)
@@ -567,6 +553,14 @@ impl Inner {
         }
         self.send_repl(repl);
         out
+    }
+
+    /// Queue one item for the other holders of its key.
+    fn replicate_one(&self, item: ReplItem<'_>) {
+        let ring = self.ctx.ring();
+        let mut out = ReplOut::default();
+        out.add(&ring, self.me(), item);
+        self.send_repl(out);
     }
 
     /// Put replication batches on their target's queue, one lock for all of them.
