@@ -748,14 +748,7 @@ impl Inner {
             count: total as u32,
             replica: false,
         };
-        let replies = match self.ctx.rpc.call::<CacheApi>(&primary, &req).await {
-            Ok(CacheResponse::Replies { resp, count }) if count as usize == total => {
-                Encoded::split(resp, total, &self.limits)
-            }
-            Ok(_) => Err("unexpected answer".to_string()),
-            Err(e) => Err(e.to_string()),
-        };
-        let replies = match replies {
+        let replies = match self.exec_call(&primary, &req, total).await {
             Ok(r) => r,
             Err(err) => {
                 let CacheRequest::Exec { cmds, .. } = req else {
@@ -768,6 +761,22 @@ impl Inner {
         for (n, tx) in metas {
             let _ = tx.send(replies.slice(at, n));
             at += n;
+        }
+    }
+
+    /// Send an `Exec` of `count` commands to `node`; its replies, delimited, or why not.
+    async fn exec_call(
+        &self,
+        node: &str,
+        req: &CacheRequest,
+        count: usize,
+    ) -> Result<Encoded, String> {
+        match self.ctx.rpc.call::<CacheApi>(node, req).await {
+            Ok(CacheResponse::Replies { resp, count: n }) if n as usize == count => {
+                Encoded::split(resp, count, &self.limits)
+            }
+            Ok(_) => Err("unexpected answer".to_string()),
+            Err(e) => Err(e.to_string()),
         }
     }
 
@@ -785,8 +794,8 @@ impl Inner {
             rest = &rest[k..];
         }
         // (replica, positions in `cmds`, commands)
-        type Group<'c, 'a> = (Option<String>, Vec<usize>, Vec<&'c [&'a [u8]]>);
-        let mut groups: Vec<Group> = Vec::new();
+        type ByReplica<'c, 'a> = (Option<String>, Vec<usize>, Vec<&'c [&'a [u8]]>);
+        let mut groups: Vec<ByReplica> = Vec::new();
         for (i, cmd) in parsed.iter().enumerate() {
             // Every key of a forwarded command has the same primary and replica (multi-key
             // commands are split by both), so the first key decides.
@@ -827,13 +836,7 @@ impl Inner {
                         count: m as u32,
                         replica: true,
                     };
-                    match self.ctx.rpc.call::<CacheApi>(r, &req).await {
-                        Ok(CacheResponse::Replies { resp, count }) if count as usize == m => {
-                            Encoded::split(resp, m, &self.limits)
-                        }
-                        Ok(_) => Err("unexpected answer".to_string()),
-                        Err(e) => Err(e.to_string()),
-                    }
+                    self.exec_call(r, &req, m).await
                 }
                 None => Err("no replica".to_string()),
             };
