@@ -11,9 +11,9 @@ use crate::store::{SetOptions, Store, StoreError, Ttl};
 
 /// What the node tells keyless commands about itself.
 #[derive(Debug, Clone)]
-pub struct Env {
+pub struct Env<'a> {
     /// Node id.
-    pub node_id: String,
+    pub node_id: &'a str,
     /// The RESP port this node listens on.
     pub port: u16,
     /// Alive members of the cluster.
@@ -595,7 +595,7 @@ fn hello(env: &Env) -> Frame {
         ("mode", Frame::bulk("standalone")),
         ("role", Frame::bulk("master")),
         ("modules", Frame::Array(vec![])),
-        ("dsys_node", Frame::bulk(env.node_id.clone())),
+        ("dsys_node", Frame::bulk(env.node_id)),
     ];
     Frame::Array(
         pairs
@@ -636,9 +636,9 @@ mod tests {
     use super::*;
     use crate::store::{Policy, StoreConfig};
 
-    fn env() -> Env {
+    fn env() -> Env<'static> {
         Env {
-            node_id: "n1".into(),
+            node_id: "n1",
             port: 7401,
             cluster_size: 1,
             clients: 1,

@@ -519,7 +519,7 @@ impl Inner {
     fn exec_store<'a, C: AsRef<[&'a [u8]]>>(&self, cmds: &[C]) -> Vec<(Frame, bool, Written<'a>)> {
         let ring = self.ctx.ring();
         let env = Env {
-            node_id: self.ctx.node_id.clone(),
+            node_id: self.me(),
             port: self.port.load(Ordering::Relaxed),
             cluster_size: ring.nodes().len(),
             clients: self.clients.load(Ordering::Relaxed),
