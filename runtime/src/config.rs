@@ -71,6 +71,12 @@ pub struct ClusterSection {
     /// Virtual nodes per member on the ring.
     #[serde(default = "default_vnodes")]
     pub vnodes: u32,
+    /// How long a member may be dead before it stops owning its ring ranges (the owner
+    /// ring, [`crate::MembershipHandle::owners`]): until then its keys' writes go to
+    /// fallback nodes as hints instead of moving; a member that leaves (SIGTERM) stops
+    /// owning at once, one that joins owns at once.
+    #[serde(default = "default_owner_timeout")]
+    pub owner_timeout_ms: u64,
     /// Async worker threads of each node process; 0 (the default) divides the machine's
     /// CPUs among the nodes configured at the same host (see
     /// [`ClusterConfig::worker_threads`]).
@@ -95,6 +101,9 @@ fn default_max_frame() -> u32 {
 }
 fn default_vnodes() -> u32 {
     128
+}
+fn default_owner_timeout() -> u64 {
+    300_000
 }
 fn default_host() -> IpAddr {
     IpAddr::from([127, 0, 0, 1])
@@ -313,6 +322,7 @@ impl ClusterConfig {
                 rpc_timeout_ms: default_rpc_timeout(),
                 max_frame_bytes: default_max_frame(),
                 vnodes: default_vnodes(),
+                owner_timeout_ms: default_owner_timeout(),
                 worker_threads: 0,
             },
             nodes,

@@ -88,6 +88,9 @@ pub enum ClusterEvent {
     Back(Member),
     /// A node announced it is leaving.
     Left(Member),
+    /// The owner ring changed (a node joined, left, or was dead for longer than
+    /// `cluster.owner_timeout_ms`): the members that own ring ranges now, sorted.
+    Owners(Vec<String>),
 }
 
 /// Everything this node knows about the cluster at one moment.
@@ -123,6 +126,7 @@ struct Inner {
     view_rx: watch::Receiver<Arc<ClusterView>>,
     events: broadcast::Sender<ClusterEvent>,
     ring: RwLock<Arc<Ring>>,
+    owners: RwLock<Arc<Ring>>,
     chitchat: Mutex<Option<ChitchatHandle>>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
@@ -149,6 +153,9 @@ pub(crate) struct MembershipConfig {
     pub(crate) gossip_interval: Duration,
     pub(crate) phi_threshold: f64,
     pub(crate) vnodes: u32,
+    pub(crate) owner_timeout: Duration,
+    /// Where the owner set is kept across restarts (`None`: not kept).
+    pub(crate) owners_file: Option<std::path::PathBuf>,
     pub(crate) initial_keys: Vec<(String, String)>,
 }
 
@@ -168,13 +175,36 @@ impl MembershipHandle {
         self.inner.events.subscribe()
     }
 
-    /// The ring of alive members.
+    /// The ring of alive members: who answers now. Work that may move freely (a cache
+    /// entry, a rate-limit bucket) is placed on it.
     pub fn ring(&self) -> Arc<Ring> {
         self.inner
             .ring
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// The ring of owners: members that have been alive, have not left, and have not been
+    /// dead for longer than `cluster.owner_timeout_ms`. Durable data is placed on it, so a
+    /// failure suspicion or a partition does not move a key's replicas (Dynamo's separation
+    /// of ownership from liveness); it changes on join, leave and long outages only. The set
+    /// is kept in the node's data dir, so a node restarted during a partition still knows
+    /// the owners it cannot see.
+    pub fn owners(&self) -> Arc<Ring> {
+        self.inner
+            .owners
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// True when `id` is alive in the latest view.
+    pub fn is_alive(&self, id: &str) -> bool {
+        self.view()
+            .members
+            .get(id)
+            .is_some_and(|m| m.state == MemberState::Alive)
     }
 
     /// This node's id.
@@ -290,6 +320,7 @@ impl MembershipHandle {
             view_rx,
             events,
             ring: RwLock::new(Arc::new(Ring::new(&[cfg.me.clone()], cfg.vnodes))),
+            owners: RwLock::new(Arc::new(Ring::new(&[cfg.me.clone()], cfg.vnodes))),
             chitchat: Mutex::new(Some(handle)),
             tasks: Mutex::new(Vec::new()),
         });
@@ -297,6 +328,9 @@ impl MembershipHandle {
         let weak = Arc::downgrade(&this.inner);
         let me = cfg.me.clone();
         let interval = cfg.gossip_interval;
+        let mut owners = Owners::load(&cfg.me, cfg.owner_timeout, cfg.owners_file.clone());
+        *this.inner.owners.write().unwrap_or_else(|p| p.into_inner()) =
+            Arc::new(Ring::new(&owners.names(), cfg.vnodes));
         let task = tokio::spawn(async move {
             let mut tracker = Tracker {
                 me,
@@ -331,7 +365,12 @@ impl MembershipHandle {
                     faults.learn_gossip_peer(id.gossip_advertise_addr, &id.node_id);
                 }
                 let members = tracker.members(snapshot, interval * SUSPECT_AFTER_BEATS);
-                let events = tracker.diff(&members);
+                let mut events = tracker.diff(&members);
+                if let Some(names) = owners.update(&members, tokio::time::Instant::now()) {
+                    *inner.owners.write().unwrap_or_else(|p| p.into_inner()) =
+                        Arc::new(Ring::new(&names, inner.vnodes));
+                    events.push(ClusterEvent::Owners(names));
+                }
                 let changed = view_tx.borrow().members != members;
                 if changed {
                     let alive: Vec<String> = members
@@ -520,6 +559,108 @@ impl Tracker {
         }
         events
     }
+}
+
+/// Which members own ring ranges, and since when each owner has been dead.
+struct Owners {
+    me: String,
+    timeout: Duration,
+    file: Option<std::path::PathBuf>,
+    /// Owner -> `None` while up, `Some(since)` while dead (or not yet seen since a restart).
+    set: BTreeMap<String, Option<tokio::time::Instant>>,
+}
+
+impl Owners {
+    /// The owners this node knew before it restarted (each counted dead from now until it is
+    /// seen), plus itself.
+    fn load(me: &str, timeout: Duration, file: Option<std::path::PathBuf>) -> Self {
+        let now = tokio::time::Instant::now();
+        let mut set: BTreeMap<String, Option<tokio::time::Instant>> = BTreeMap::new();
+        if let Some(f) = &file {
+            match std::fs::read_to_string(f) {
+                Ok(text) => {
+                    for id in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
+                        set.insert(id.to_string(), Some(now));
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => tracing::warn!("reading {}: {e}", f.display()),
+            }
+        }
+        set.insert(me.to_string(), None);
+        Owners {
+            me: me.to_string(),
+            timeout,
+            file,
+            set,
+        }
+    }
+
+    fn names(&self) -> Vec<String> {
+        self.set.keys().cloned().collect()
+    }
+
+    /// Apply one view; the new owner set when it changed.
+    fn update(
+        &mut self,
+        members: &BTreeMap<String, Member>,
+        now: tokio::time::Instant,
+    ) -> Option<Vec<String>> {
+        let before = self.names();
+        for (id, m) in members {
+            match m.state {
+                MemberState::Alive => {
+                    self.set.insert(id.clone(), None);
+                }
+                // A restarting owner (new generation, not yet proven) keeps its ranges.
+                MemberState::Joining => {
+                    if let Some(since) = self.set.get_mut(id) {
+                        *since = None;
+                    }
+                }
+                MemberState::Dead => {
+                    if let Some(since) = self.set.get_mut(id) {
+                        since.get_or_insert(now);
+                    }
+                }
+                MemberState::Left => {
+                    self.set.remove(id);
+                }
+            }
+        }
+        for (id, since) in self.set.iter_mut() {
+            if !members.contains_key(id) && *id != self.me {
+                since.get_or_insert(now);
+            }
+        }
+        let timeout = self.timeout;
+        self.set
+            .retain(|_, since| since.is_none_or(|t| now.duration_since(t) < timeout));
+        self.set.insert(self.me.clone(), None);
+        let after = self.names();
+        if after == before {
+            return None;
+        }
+        if let Some(f) = &self.file {
+            if let Err(e) = write_file(f, after.join("\n").as_bytes()) {
+                tracing::warn!("keeping the owner set in {}: {e}", f.display());
+            }
+        }
+        Some(after)
+    }
+}
+
+/// Write `bytes` to `path` through a fsynced temporary file and a rename.
+fn write_file(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
 }
 
 /// chitchat's UDP transport with the node's fault rules applied to every datagram.

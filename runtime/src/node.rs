@@ -179,6 +179,8 @@ impl Node {
                 gossip_interval: Duration::from_millis(cfg.cluster.gossip_interval_ms),
                 phi_threshold: cfg.cluster.phi_threshold,
                 vnodes: cfg.cluster.vnodes,
+                owner_timeout: Duration::from_millis(cfg.cluster.owner_timeout_ms),
+                owners_file: Some(ncfg.data_dir.join("owners")),
                 initial_keys,
             },
             faults.clone(),
@@ -226,11 +228,20 @@ impl Node {
         let forget = {
             let (t, mut events) = (transport.clone(), membership.subscribe());
             let timeline = timeline.clone();
+            let me_owners = me.clone();
             tokio::spawn(async move {
                 loop {
                     match events.recv().await {
                         Ok(ev) => {
                             let (m, what) = match &ev {
+                                ClusterEvent::Owners(names) => {
+                                    timeline.record(
+                                        "member",
+                                        &me_owners,
+                                        format!("ring owners now {}", names.join(",")),
+                                    );
+                                    continue;
+                                }
                                 ClusterEvent::Joined(m) => (m, "joined"),
                                 ClusterEvent::Dead(m) => (m, "dead"),
                                 ClusterEvent::Back(m) => (m, "back"),

@@ -107,9 +107,14 @@ impl PluginContext {
         self.config.plugin_section(name)
     }
 
-    /// The current ring of alive members.
+    /// The current ring of alive members (see [`MembershipHandle::ring`]).
     pub fn ring(&self) -> Arc<Ring> {
         self.membership.ring()
+    }
+
+    /// The ring of owners, for durable data (see [`MembershipHandle::owners`]).
+    pub fn owners(&self) -> Arc<Ring> {
+        self.membership.owners()
     }
 }
 
