@@ -1,9 +1,10 @@
 //! Anti-entropy (design 31n) between the replicas of each key range. For every pair of nodes
-//! that should both hold some keys (both on those keys' preference lists), each side builds a
-//! Merkle tree over exactly those keys; the two trees are compared and only the items in
-//! differing leaves cross the network, in both directions, newest version winning. It runs
-//! after every membership change (so a node that joins, dies or comes back leaves every key
-//! with N replicas again, moving only what differs) and periodically.
+//! that should both hold some keys (both on those keys' preference lists of the owner ring),
+//! each side builds a Merkle tree over exactly those keys; the two trees are compared and only
+//! the items in differing leaves cross the network, in both directions, newest version
+//! winning. Each round also hands the keys this node no longer owns to their owners
+//! (`Inner::hand_off`). It runs after a node joins, comes back or leaves, after the owner
+//! ring changes, and periodically.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -48,7 +49,7 @@ fn shared(ring: &Ring, n: usize, me: &str, peer: &str, key: &str) -> bool {
 
 /// The Merkle tree over the keys this node and `peer` both replicate.
 pub(crate) fn tree(inner: &Inner, peer: &str, depth: u32) -> MerkleTree {
-    let ring = inner.ctx.ring();
+    let ring = inner.ctx.owners();
     let (me, n) = (inner.me(), inner.cfg.n as usize);
     let items = inner.store.select(|k| shared(&ring, n, me, peer, k));
     MerkleTree::build(depth, items.iter().map(|(k, v)| (k.as_bytes(), v.digest())))
@@ -80,7 +81,7 @@ pub(crate) fn leaf_items(
     depth: u32,
     leaves: &[u32],
 ) -> Vec<(String, Version)> {
-    let ring = inner.ctx.ring();
+    let ring = inner.ctx.owners();
     let (me, n) = (inner.me(), inner.cfg.n as usize);
     let want: HashSet<usize> = leaves.iter().map(|l| *l as usize).collect();
     inner.store.select(|k| {
@@ -107,7 +108,7 @@ async fn hashes(
         depth,
         level,
         indices,
-        ring: fingerprint(&inner.ctx.ring()),
+        ring: fingerprint(&inner.ctx.owners()),
     };
     match inner.ctx.rpc.call::<KvApi>(peer, &req).await? {
         KvResponse::Hashes(h) => {
@@ -225,15 +226,16 @@ fn note(inner: &Inner, peer: &str, what: String) {
         .insert(peer.to_string(), (crate::wall_ms(), what));
 }
 
-/// One round: exchange with every alive peer whose id sorts after ours (each pair once).
+/// One round: exchange with every alive owner whose id sorts after ours (each pair once),
+/// then hand off what this node no longer owns.
 pub(crate) async fn round(inner: &Inner) {
     let me = inner.me().to_string();
     let peers: Vec<String> = inner
         .ctx
-        .ring()
+        .owners()
         .nodes()
         .iter()
-        .filter(|p| **p > me)
+        .filter(|p| **p > me && inner.ctx.membership.is_alive(p))
         .cloned()
         .collect();
     let mut retry = false;
@@ -259,6 +261,7 @@ pub(crate) async fn round(inner: &Inner) {
             }
         }
     }
+    inner.hand_off().await;
     if retry {
         // Membership is probably still settling: try again soon rather than at the next
         // period.
@@ -291,7 +294,7 @@ pub(crate) fn spawn(weak: Weak<Inner>) -> tokio::task::JoinHandle<()> {
                     .upgrade()
                     .map(|i| {
                         i.ctx
-                            .ring()
+                            .owners()
                             .nodes()
                             .iter()
                             .position(|n| n.as_str() == i.me())

@@ -92,6 +92,10 @@ pub enum KvRequest {
         /// keys on the same members.
         ring: u64,
     },
+    /// Which of these keys' owners (the N nodes of each key's preference list on the owner
+    /// ring) do not all hold the same version: what a convergence check polls after a heal.
+    /// Fails when an owner cannot be asked.
+    Compare(Vec<String>),
     /// Summaries (key, timestamp, digest) of the items in some leaves of that tree.
     LeafSummaries {
         /// The other replica.
@@ -138,6 +142,8 @@ pub enum KvResponse {
     Local(Option<Version>),
     /// Merkle node hashes, in the order asked.
     Hashes(Vec<u64>),
+    /// Keys (the answer to `Compare`: those whose owners disagree).
+    Keys(Vec<String>),
 }
 
 /// A node's store figures.
@@ -157,6 +163,8 @@ pub struct KvStats {
     pub read_repairs: u64,
     /// Items pushed to new replicas after membership changes, since start.
     pub rebalanced: u64,
+    /// Items handed to their owners and dropped here (this node stopped owning them).
+    pub handed_over: u64,
     /// Last WAL sequence number.
     pub wal_lsn: u64,
     /// Snapshots written since start.
@@ -275,13 +283,14 @@ impl Render for KvResponse {
                 s
             }
             KvResponse::Stats(st) => format!(
-                "node {}: {} keys, {} tombstones, {} hints waiting ({} delivered), {} read repairs, {} items repaired by anti-entropy ({} exchanges, {} bytes), wal lsn {}, {} snapshots",
-                st.node, st.keys, st.tombstones, st.hints, st.hints_delivered, st.read_repairs, st.rebalanced, st.ae_exchanges, st.ae_bytes, st.wal_lsn, st.snapshots
+                "node {}: {} keys, {} tombstones, {} hints waiting ({} delivered), {} read repairs, {} items repaired by anti-entropy ({} exchanges, {} bytes), {} handed over to new owners, wal lsn {}, {} snapshots",
+                st.node, st.keys, st.tombstones, st.hints, st.hints_delivered, st.read_repairs, st.rebalanced, st.ae_exchanges, st.ae_bytes, st.handed_over, st.wal_lsn, st.snapshots
             ),
             KvResponse::Applied(n) => format!("applied {n}"),
             KvResponse::Local(v) => v.as_ref().map(show).unwrap_or_else(|| "-".into()),
             KvResponse::Hashes(h) => format!("{} hashes", h.len()),
             KvResponse::Summaries(s) => format!("{} summaries", s.len()),
+            KvResponse::Keys(k) => format!("{} keys whose owners disagree", k.len()),
         }
     }
 

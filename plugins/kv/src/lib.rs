@@ -42,8 +42,11 @@ pub struct KvConfig {
     pub w: u8,
     /// Default read quorum.
     pub r: u8,
-    /// How often hints are offered to their targets.
+    /// How often hints are offered to their targets (and right after a target is back).
     pub hint_interval_ms: u64,
+    /// Deliver hints at all. Only for showing that `dsys check set` catches writes that
+    /// live only in hints (it must fail with this off); never turn it off otherwise.
+    pub hint_delivery: bool,
     /// How often anti-entropy runs besides membership changes.
     pub anti_entropy_interval_ms: u64,
     /// Merkle tree depth (2^depth leaves).
@@ -62,6 +65,7 @@ impl Default for KvConfig {
             w: 2,
             r: 2,
             hint_interval_ms: 1000,
+            hint_delivery: true,
             anti_entropy_interval_ms: 10_000,
             merkle_depth: 12,
             snapshot_every: 50_000,
@@ -90,6 +94,7 @@ struct Counters {
     hints_delivered: AtomicU64,
     read_repairs: AtomicU64,
     rebalanced: AtomicU64,
+    handed_over: AtomicU64,
 }
 
 struct Inner {
@@ -100,6 +105,8 @@ struct Inner {
     hlc: Mutex<HlcClock>,
     counters: Counters,
     ae: anti_entropy::State,
+    /// Wakes the hint loop early (a target is back).
+    hints_wake: Arc<tokio::sync::Notify>,
 }
 
 /// The plugin instance.
@@ -175,15 +182,28 @@ impl Inner {
         if w == 0 || w > self.cfg.n {
             return Err(RpcError::refused(format!("--w must be 1..={}", self.cfg.n)));
         }
-        let ring = self.ctx.ring();
-        let all = ring.preference_list(key.as_bytes(), ring.nodes().len());
+        // Replicas come from the owner ring, which a failure or a partition does not
+        // change: a key's N replicas stay the same nodes, and the ones that cannot be reached
+        // get hints instead (sloppy quorum).
+        let owners = self.ctx.owners();
+        let all = owners.preference_list(key.as_bytes(), owners.nodes().len());
         let n = (self.cfg.n as usize).min(all.len());
-        let (prefs, fallbacks) = all.split_at(n);
+        let (prefs, rest) = all.split_at(n);
         if (w as usize) > all.len() {
             return Err(RpcError::Unreachable(format!(
-                "W={w} but only {} nodes are alive",
+                "W={w} but the ring has only {} owners",
                 all.len()
             )));
+        }
+        // Hint holders: the next healthy nodes after the preference list, then this
+        // coordinator.
+        let mut holders: Vec<String> = rest
+            .iter()
+            .filter(|h| self.ctx.membership.is_alive(h))
+            .cloned()
+            .collect();
+        if !holders.iter().any(|h| h == self.me()) {
+            holders.push(self.me().to_string());
         }
         let version = Version {
             ts: self
@@ -194,43 +214,51 @@ impl Inner {
             origin: self.me().to_string(),
             value,
         };
-        let (tx, mut rx) = mpsc::channel::<(bool, bool)>(prefs.len().max(1));
+        // Each replica's write answers with the node that stored it (the replica itself,
+        // or the holder of its hint), or None.
+        let (tx, mut rx) = mpsc::channel::<Option<(String, bool)>>(prefs.len().max(1));
         for (i, target) in prefs.iter().enumerate() {
-            // Hints for a silent replica go to the nodes after the preference list, or to
-            // this coordinator when there are none.
-            let holder = fallbacks
-                .get(i % fallbacks.len().max(1))
-                .cloned()
-                .unwrap_or_else(|| self.me().to_string());
+            let alive = self.ctx.membership.is_alive(target);
+            let mut order = holders.clone();
+            let turn = i % order.len().max(1);
+            order.rotate_left(turn);
             let (rpc, tx, target) = (self.ctx.rpc.clone(), tx.clone(), target.clone());
             let item = vec![(key.clone(), version.clone())];
             let batcher = self.batcher.clone();
             tokio::spawn(async move {
-                let ok = batcher.replicate(&target, item.clone()).await;
-                if ok {
-                    let _ = tx.send((true, false)).await;
+                if alive && batcher.replicate(&target, item.clone()).await {
+                    let _ = tx.send(Some((target, false))).await;
                     return;
                 }
-                let hinted = holder != target
-                    && rpc
-                        .call::<KvApi>(
-                            &holder,
-                            &KvRequest::StoreHints {
-                                target,
-                                items: item,
-                            },
-                        )
-                        .await
-                        .is_ok();
-                let _ = tx.send((hinted, hinted)).await;
+                for holder in order.into_iter().filter(|h| *h != target) {
+                    let req = KvRequest::StoreHints {
+                        target: target.clone(),
+                        items: item.clone(),
+                    };
+                    if rpc.call::<KvApi>(&holder, &req).await.is_ok() {
+                        let _ = tx.send(Some((holder, true))).await;
+                        return;
+                    }
+                }
+                let _ = tx.send(None).await;
             });
         }
         drop(tx);
+        // W counts distinct nodes that have the version on disk: two hints on one holder
+        // are one copy.
         let mut q = Quorum::new(w as usize, prefs.len());
+        let mut stored: Vec<String> = Vec::new();
         let mut hinted = 0u8;
-        while let Some((ok, via_hint)) = rx.recv().await {
-            hinted += via_hint as u8;
-            match q.record(ok) {
+        while let Some(got) = rx.recv().await {
+            let fresh = match got {
+                Some((node, via_hint)) if !stored.contains(&node) => {
+                    hinted += via_hint as u8;
+                    stored.push(node);
+                    true
+                }
+                _ => false,
+            };
+            match q.record(fresh) {
                 Outcome::Reached => {
                     return Ok(KvResponse::Written {
                         version,
@@ -255,13 +283,14 @@ impl Inner {
         if r == 0 || r > self.cfg.n {
             return Err(RpcError::refused(format!("--r must be 1..={}", self.cfg.n)));
         }
+        // R counts replies of the key's owners only: a hint holder is not asked.
         let prefs = self
             .ctx
-            .ring()
+            .owners()
             .preference_list(key.as_bytes(), self.cfg.n as usize);
         if (r as usize) > prefs.len() {
             return Err(RpcError::Unreachable(format!(
-                "R={r} but only {} nodes are alive",
+                "R={r} but the ring has only {} owners",
                 prefs.len()
             )));
         }
@@ -273,10 +302,15 @@ impl Inner {
                 target.clone(),
                 key.clone(),
             );
+            let alive = self.ctx.membership.is_alive(&target);
             tokio::spawn(async move {
-                let got = match rpc.call::<KvApi>(&target, &KvRequest::Read(key)).await {
-                    Ok(KvResponse::Local(v)) => Some(v),
-                    _ => None,
+                let got = if !alive {
+                    None
+                } else {
+                    match rpc.call::<KvApi>(&target, &KvRequest::Read(key)).await {
+                        Ok(KvResponse::Local(v)) => Some(v),
+                        _ => None,
+                    }
                 };
                 let _ = tx.send((target, got)).await;
             });
@@ -403,6 +437,7 @@ impl Inner {
             hints_delivered: self.counters.hints_delivered.load(Ordering::Relaxed),
             read_repairs: self.counters.read_repairs.load(Ordering::Relaxed),
             rebalanced: self.counters.rebalanced.load(Ordering::Relaxed),
+            handed_over: self.counters.handed_over.load(Ordering::Relaxed),
             wal_lsn: self.store.wal_lsn(),
             snapshots: self.store.snapshots.load(Ordering::Relaxed),
             ae_exchanges: self.ae.exchanges.load(Ordering::Relaxed),
@@ -410,16 +445,17 @@ impl Inner {
         }
     }
 
-    /// Offer waiting hints to targets that are alive.
+    /// Offer waiting hints to targets that are alive. A hint whose target no longer owns
+    /// any ranges (it left, or was down past `cluster.owner_timeout_ms`) goes to the key's
+    /// owners now instead.
     async fn deliver_hints(&self) {
-        let view = self.ctx.membership.view();
+        if !self.cfg.hint_delivery {
+            return;
+        }
+        let owners = self.ctx.owners();
         for (target, hints) in self.store.hints_by_target() {
-            let alive = view
-                .members
-                .get(&target)
-                .map(|m| m.state == dsys_runtime::MemberState::Alive)
-                .unwrap_or(false);
-            if !alive {
+            let owner = owners.nodes().iter().any(|o| *o == target);
+            if owner && !self.ctx.membership.is_alive(&target) {
                 continue;
             }
             for chunk in hints.chunks(512) {
@@ -427,16 +463,21 @@ impl Inner {
                     .iter()
                     .map(|(_, k, v)| (k.clone(), v.clone()))
                     .collect();
-                if self
-                    .ctx
-                    .rpc
-                    .call::<KvApi>(&target, &KvRequest::Replicate(items))
-                    .await
-                    .is_err()
-                {
-                    break;
-                }
-                let ids: Vec<u64> = chunk.iter().map(|(id, _, _)| *id).collect();
+                let ids: Vec<u64> = if owner {
+                    let req = KvRequest::Replicate(items);
+                    if self.ctx.rpc.call::<KvApi>(&target, &req).await.is_err() {
+                        break;
+                    }
+                    chunk.iter().map(|(id, _, _)| *id).collect()
+                } else {
+                    let done = self.hand_over(&items).await;
+                    chunk
+                        .iter()
+                        .zip(done)
+                        .filter(|(_, d)| *d)
+                        .map(|((id, _, _), _)| *id)
+                        .collect()
+                };
                 let n = ids.len() as u64;
                 if let Err(e) = self.store.hints_done(ids).await {
                     tracing::warn!("kv: recording delivered hints: {e}");
@@ -447,6 +488,109 @@ impl Inner {
                     .fetch_add(n, Ordering::Relaxed);
             }
         }
+    }
+
+    /// Send each item to every owner of its key; true for the items all N owners stored.
+    async fn hand_over(&self, items: &[(String, Version)]) -> Vec<bool> {
+        let owners = self.ctx.owners();
+        let n = self.cfg.n as usize;
+        let mut by_node: std::collections::BTreeMap<String, Vec<usize>> = Default::default();
+        for (i, (k, _)) in items.iter().enumerate() {
+            for o in owners.preference(k.as_bytes(), n) {
+                by_node.entry(o.to_string()).or_default().push(i);
+            }
+        }
+        let mut acks = vec![0usize; items.len()];
+        for (node, idx) in by_node {
+            if !self.ctx.membership.is_alive(&node) {
+                continue;
+            }
+            let batch = idx.iter().map(|i| items[*i].clone()).collect();
+            let req = KvRequest::Replicate(batch);
+            if self.ctx.rpc.call::<KvApi>(&node, &req).await.is_ok() {
+                for i in idx {
+                    acks[i] += 1;
+                }
+            }
+        }
+        let want = n.min(owners.nodes().len());
+        acks.into_iter().map(|a| a >= want).collect()
+    }
+
+    /// Hand the keys this node no longer owns (the owner ring changed) to their owners, and
+    /// drop them here once every owner has them on disk. Tombstones travel too, so a delete
+    /// is not undone; the owners keep them for `tombstone_grace_ms`.
+    async fn hand_off(&self) {
+        let owners = self.ctx.owners();
+        let (me, n) = (self.me(), self.cfg.n as usize);
+        let foreign = self
+            .store
+            .select(|k| !owners.preference(k.as_bytes(), n).contains(&me));
+        for chunk in foreign.chunks(512) {
+            let done = self.hand_over(chunk).await;
+            let drop: Vec<(String, u64)> = chunk
+                .iter()
+                .zip(done)
+                .filter(|(_, d)| *d)
+                .map(|((k, v), _)| (k.clone(), v.digest()))
+                .collect();
+            let moved = drop.len() as u64;
+            if let Err(e) = self.store.forget(drop).await {
+                tracing::warn!("kv: dropping handed-over keys: {e}");
+                return;
+            }
+            self.counters
+                .handed_over
+                .fetch_add(moved, Ordering::Relaxed);
+        }
+    }
+
+    /// Keys whose owners do not all hold the same version.
+    async fn compare(&self, keys: Vec<String>) -> Result<KvResponse, RpcError> {
+        if keys.len() > MAX_BATCH {
+            return Err(RpcError::refused(format!(
+                "at most {MAX_BATCH} keys per compare"
+            )));
+        }
+        let owners = self.ctx.owners();
+        let n = self.cfg.n as usize;
+        let mut by_node: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+        for k in &keys {
+            RpcError::check_key(k, MAX_KEY_BYTES)?;
+            for o in owners.preference(k.as_bytes(), n) {
+                by_node.entry(o.to_string()).or_default().push(k.clone());
+            }
+        }
+        // key -> (owners asked, digest each holds; None where it holds nothing)
+        let mut seen: std::collections::HashMap<&str, (usize, Vec<Option<u64>>)> =
+            Default::default();
+        for (node, ks) in &by_node {
+            let got = match self
+                .ctx
+                .rpc
+                .call::<KvApi>(node, &KvRequest::Fetch(ks.clone()))
+                .await?
+            {
+                KvResponse::Items(items) => items,
+                other => return Err(RpcError::Internal(format!("unexpected {other:?}"))),
+            };
+            let got: std::collections::HashMap<String, u64> =
+                got.into_iter().map(|(k, v)| (k, v.digest())).collect();
+            for k in ks {
+                let e = seen.entry(k.as_str()).or_default();
+                e.0 += 1;
+                e.1.push(got.get(k).copied());
+            }
+        }
+        Ok(KvResponse::Keys(
+            keys.iter()
+                .filter(|k| {
+                    seen.get(k.as_str())
+                        .is_none_or(|(_, d)| d.iter().any(|x| *x != d[0]))
+                })
+                .cloned()
+                .collect(),
+        ))
     }
 
     async fn maybe_snapshot(&self) {
@@ -530,6 +674,7 @@ impl Plugin for KvPlugin {
             store,
             hlc: Mutex::new(HlcClock::default()),
             counters: Counters::default(),
+            hints_wake: Arc::new(tokio::sync::Notify::new()),
         });
         let mut tasks = Vec::new();
         let weak = Arc::downgrade(&inner);
@@ -537,7 +682,13 @@ impl Plugin for KvPlugin {
         tasks.push(tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
             loop {
-                tick.tick().await;
+                let Some(wake) = weak.upgrade().map(|i| i.hints_wake.clone()) else {
+                    return;
+                };
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = wake.notified() => {}
+                }
                 let Some(inner) = weak.upgrade() else { return };
                 inner.deliver_hints().await;
                 inner.maybe_snapshot().await;
@@ -556,6 +707,7 @@ impl Plugin for KvPlugin {
             KvRequest::Scan { prefix, limit } => i.scan(prefix, limit).await,
             KvRequest::Locate { key } => i.locate(key).await,
             KvRequest::Stats => Ok(KvResponse::Stats(i.stats())),
+            KvRequest::Compare(keys) => i.compare(keys).await,
             KvRequest::Replicate(items) => {
                 check_items(&items)?;
                 i.observe(&items);
@@ -598,7 +750,7 @@ impl Plugin for KvPlugin {
                 {
                     return Err(RpcError::refused("bad merkle request"));
                 }
-                if ring != anti_entropy::fingerprint(&i.ctx.ring()) {
+                if ring != anti_entropy::fingerprint(&i.ctx.owners()) {
                     return Err(RpcError::Unreachable(
                         "ring views differ; retry when membership settles".into(),
                     ));
@@ -639,14 +791,15 @@ impl Plugin for KvPlugin {
     }
 
     async fn on_cluster_event(&self, event: ClusterEvent) {
-        if matches!(
-            event,
-            ClusterEvent::Joined(_)
-                | ClusterEvent::Back(_)
-                | ClusterEvent::Dead(_)
-                | ClusterEvent::Left(_)
-        ) {
-            self.inner.ae.trigger();
+        match event {
+            // A replica is back: its hints can go now, and replica pairs compare trees.
+            ClusterEvent::Joined(_) | ClusterEvent::Back(_) => {
+                self.inner.hints_wake.notify_one();
+                self.inner.ae.trigger();
+            }
+            // Ownership moved: keys go to their new owners (anti-entropy hands them off).
+            ClusterEvent::Owners(_) | ClusterEvent::Left(_) => self.inner.ae.trigger(),
+            ClusterEvent::Dead(_) => {}
         }
     }
 

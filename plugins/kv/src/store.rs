@@ -22,6 +22,8 @@ enum LogRec {
     Apply(Vec<(String, Version)>),
     Hints(Vec<(u64, Hint)>),
     HintsDone(Vec<u64>),
+    /// Keys handed to their owners: dropped when the stored version still has this digest.
+    Forget(Vec<(String, u64)>),
 }
 
 /// A version kept for a replica that did not answer.
@@ -126,6 +128,7 @@ impl Store {
                         hints.remove(&id);
                     }
                 }
+                Ok(LogRec::Forget(keys)) => forget(&mut data, keys),
                 Err(e) => {
                     return Err(StoreError::Wal(format!(
                         "record {} does not decode: {e}",
@@ -173,6 +176,21 @@ impl Store {
             .into_iter()
             .filter(|(k, v)| merge(&mut d, k.clone(), v.clone()))
             .count())
+    }
+
+    /// Drop keys this node no longer owns, durably, unless another version arrived since
+    /// they were handed over (`keys` carries the digest of the version handed over).
+    pub(crate) async fn forget(&self, keys: Vec<(String, u64)>) -> Result<(), StoreError> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let _g = self.gate.read().await;
+        self.log(&LogRec::Forget(keys.clone())).await?;
+        forget(
+            &mut self.data.write().unwrap_or_else(|p| p.into_inner()),
+            keys,
+        );
+        Ok(())
     }
 
     pub(crate) fn get(&self, key: &str) -> Option<Version> {
@@ -320,6 +338,14 @@ impl Store {
         self.wal.checkpoint(lsn + 1).await.map_err(wal_err)?;
         self.snapshots.fetch_add(1, Ordering::Relaxed);
         Ok(())
+    }
+}
+
+fn forget(d: &mut BTreeMap<String, Version>, keys: Vec<(String, u64)>) {
+    for (k, digest) in keys {
+        if d.get(&k).is_some_and(|v| v.digest() == digest) {
+            d.remove(&k);
+        }
     }
 }
 
