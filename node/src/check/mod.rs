@@ -259,6 +259,10 @@ pub struct Ctx {
     ping: Client,
     /// The run's seed.
     pub seed: u64,
+    /// When the final heal was done (ns since the run started; 0 before).
+    pub healed_ns: AtomicU64,
+    /// Figures a workload measured (name, value), printed in the report.
+    pub measures: Mutex<Vec<(String, String)>>,
 }
 
 impl Ctx {
@@ -270,6 +274,15 @@ impl Ctx {
     /// Nanoseconds since the run started.
     pub fn now_ns(&self) -> u64 {
         self.rec.now_ns()
+    }
+
+    /// Add a figure to the report.
+    pub fn measure(&self, name: &str, value: String) {
+        eprintln!("{name}: {value}");
+        self.measures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((name.to_string(), value));
     }
 
     fn new_worker(&self, slot: usize) -> anyhow::Result<Worker> {
@@ -560,6 +573,8 @@ async fn run_inner(
         run_id: format!("check-{}-{}", opts.workload, opts.seed),
         ping,
         seed: opts.seed,
+        healed_ns: AtomicU64::new(0),
+        measures: Mutex::new(Vec::new()),
     });
     let nem = nemesis::Nemesis::new(
         cluster.clone(),
@@ -623,6 +638,7 @@ async fn run_inner(
 
     eprintln!("healing: every node resumed or restarted, every fault rule removed...");
     let crashed = nem.heal_all().await;
+    ctx.healed_ns.store(ctx.now_ns(), Ordering::Relaxed);
     nem.wait_converged(Duration::from_secs(60))
         .await
         .map_err(|e| anyhow!("the cluster did not recover within 60 s of healing: {e}"))?;
@@ -670,6 +686,11 @@ async fn run_inner(
         ended_ns,
         recovered_ns,
         crashed,
+        measures: ctx
+            .measures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone(),
         run_dir: &dir,
     });
     std::fs::write(dir.join("report.json"), serde_json::to_vec_pretty(&report)?)

@@ -33,6 +33,9 @@ pub(crate) struct Nemesis {
     rng: StdRng,
     sys: Client,
     quiet: (u64, u64),
+    /// Partitions applied so far: the first is always majority/minority, the shape whose
+    /// two sides both accept writes in a sloppy-quorum store.
+    partitions: usize,
 }
 
 impl Nemesis {
@@ -52,6 +55,7 @@ impl Nemesis {
             rng: StdRng::seed_from_u64(seed ^ 0x006e_656d_6573_6973),
             sys,
             quiet,
+            partitions: 0,
         })
     }
 
@@ -227,7 +231,10 @@ impl Nemesis {
                 // A bridge (one node that sees both sides) needs rules per pair of nodes:
                 // nft in the namespaces can, the transport's disjoint groups cannot.
                 let shapes = if netns { 4 } else { 3 };
-                let (shape, bridge, k) = match self.rng.gen_range(0..shapes) {
+                let pick = self.rng.gen_range(0..shapes);
+                self.partitions += 1;
+                let pick = if self.partitions == 1 { 0 } else { pick };
+                let (shape, bridge, k) = match pick {
                     0 => ("majority/minority", None, (n - 1) / 2),
                     1 => ("one node isolated", None, 1),
                     2 => ("random halves", None, self.rng.gen_range(1..n)),

@@ -36,6 +36,8 @@ pub(crate) struct Report {
     /// Nodes that exited without being killed by the nemesis.
     crashed: Vec<(String, String)>,
     recovery_s: f64,
+    /// Figures the workload measured after healing (name, value).
+    measures: Vec<(String, String)>,
     pub(crate) verdict: Verdict,
     run_dir: String,
 }
@@ -50,6 +52,7 @@ pub(crate) struct ReportInput<'a> {
     pub(crate) ended_ns: u64,
     pub(crate) recovered_ns: u64,
     pub(crate) crashed: Vec<(String, String)>,
+    pub(crate) measures: Vec<(String, String)>,
     pub(crate) run_dir: &'a Path,
 }
 
@@ -121,6 +124,7 @@ impl Report {
                 .collect(),
             crashed: i.crashed,
             recovery_s: secs(i.recovered_ns, i.ended_ns),
+            measures: i.measures,
             verdict: i.verdict,
             run_dir: i.run_dir.display().to_string(),
         }
@@ -168,9 +172,13 @@ impl Report {
             ));
         }
         s.push_str(&format!(
-            "healed and recovered in {:.1} s after the run\n\n",
+            "healed and recovered in {:.1} s after the run\n",
             self.recovery_s
         ));
+        for (name, value) in &self.measures {
+            s.push_str(&format!("{name}: {value}\n"));
+        }
+        s.push('\n');
         let word = match self.verdict.valid {
             Some(true) => "VALID",
             Some(false) => "INVALID",

@@ -1,7 +1,10 @@
 //! `set`: every client adds unique elements to a set kept in `kv` (each element its own key
 //! under the run's prefix, written with the default W). After healing, when no node holds
-//! undelivered hints, a final read scans the prefix and reads every acknowledged element
-//! still missing with R = N. Every acknowledged add must be in the final read.
+//! undelivered hints, the check measures convergence (time from the heal until every owner
+//! of every written key holds the same version, by `KvRequest::Compare`), then the final
+//! read gets every element with the configured R, through every node in turn: the path a
+//! user reads through, not a scan of every node's copies. Every acknowledged add must be in
+//! the final read.
 //!
 //! History shape: `add` with the element (integer) as value; `read` whose ok value is the
 //! list of elements found. Lost = acknowledged adds not read; unexpected = elements read that
@@ -11,14 +14,18 @@
 use std::collections::BTreeSet;
 
 use async_trait::async_trait;
-use dsys_plugin_kv::{KvApi, KvRequest, KvResponse, MAX_SCAN};
+use std::time::Duration;
+
+use dsys_plugin_kv::{KvApi, KvRequest, KvResponse, MAX_BATCH};
 use serde_json::{json, Value};
 
 use super::history::{EventType, History};
 use super::{Ctx, Verdict, Worker, Workload};
 
-/// Elements per scanned bucket (below the scan limit).
+/// Elements per key bucket (keeps a run's keys in groups a scan can list).
 const BUCKET: u64 = 5000;
+/// Concurrent final reads per node.
+const READ_LANES_PER_NODE: u64 = 4;
 
 /// Check a set history.
 pub fn check(h: &History) -> Verdict {
@@ -141,15 +148,11 @@ fn key(ctx: &Ctx, e: u64) -> String {
     format!("{}/set/{:05}/{e:09}", ctx.run_id, e / BUCKET)
 }
 
-fn element_of(k: &str) -> Option<u64> {
-    k.rsplit('/').next()?.parse().ok()
-}
-
 #[async_trait]
 impl Workload for Set {
     fn claim(&self) -> String {
         "every add kv acknowledged (W of N replicas, hints included) is in the final read after \
-         healing (scan of the prefix, then R = N reads of what the scan missed)"
+         healing: a get of every element at the configured R, through every node in turn"
             .into()
     }
 
@@ -193,7 +196,7 @@ impl Workload for Set {
 
     async fn finish(&self, ctx: &Ctx, w: &mut Worker) -> Result<(), String> {
         // Hinted writes count as acknowledged: wait until every node has delivered its hints.
-        let hints_done = super::wait_for(std::time::Duration::from_secs(60), || async {
+        let hints_done = super::wait_for(Duration::from_secs(60), || async {
             let mut held = 0;
             for (id, addr) in &ctx.nodes {
                 match w.client.call_at::<KvApi>(*addr, &KvRequest::Stats).await {
@@ -213,73 +216,86 @@ impl Workload for Set {
             eprintln!("note: hints not all delivered within 60 s ({e}); reading anyway");
         }
         let total = ctx.counter.load(std::sync::atomic::Ordering::Relaxed);
-        let mut found = BTreeSet::new();
-        let node = w.invoke(ctx, "read", Value::Null).await;
-        for b in 0..=(total / BUCKET) {
-            let req = KvRequest::Scan {
-                prefix: format!("{}/set/{b:05}/", ctx.run_id),
-                limit: MAX_SCAN,
-            };
-            match w.send_to::<KvApi>(ctx, node, &req).await.1 {
-                Ok(KvResponse::Items(items)) => {
-                    for (k, v) in items {
-                        if v.value.is_some() {
-                            if let Some(e) = element_of(&k) {
-                                found.insert(e);
+        let keys: Vec<String> = (0..total).map(|e| key(ctx, e)).collect();
+        // Convergence: until every owner of every written key holds the same version.
+        let converged = super::wait_for(Duration::from_secs(120), || async {
+            let mut differ = 0;
+            for chunk in keys.chunks(MAX_BATCH) {
+                let req = KvRequest::Compare(chunk.to_vec());
+                match w.client.call_at::<KvApi>(ctx.nodes[0].1, &req).await {
+                    Ok(KvResponse::Keys(k)) => differ += k.len(),
+                    Ok(other) => return Err(format!("unexpected answer {other:?}")),
+                    Err(e) => return Err(e.to_string()),
+                }
+            }
+            if differ == 0 {
+                Ok(())
+            } else {
+                Err(format!("the owners of {differ} keys still disagree"))
+            }
+        })
+        .await;
+        let after = ctx
+            .now_ns()
+            .saturating_sub(ctx.healed_ns.load(std::sync::atomic::Ordering::Relaxed));
+        ctx.measure(
+            "convergence",
+            match converged {
+                Ok(()) => format!(
+                    "every owner of all {total} keys holds the same version {:.1} s after the heal",
+                    after as f64 / 1e9
+                ),
+                Err(e) => format!(
+                    "not converged {:.0} s after the heal: {e}",
+                    after as f64 / 1e9
+                ),
+            },
+        );
+        // The final read: every element with `get` at the configured R, the path a user
+        // reads through, spread over every node.
+        w.invoke(ctx, "read", Value::Null).await;
+        let mut tasks = tokio::task::JoinSet::new();
+        // Each lane reads through one node on its own connection; lanes cover every node.
+        let lanes = READ_LANES_PER_NODE * ctx.nodes.len() as u64;
+        for lane in 0..lanes {
+            let addr = ctx.nodes[lane as usize % ctx.nodes.len()].1;
+            let client = dsys_runtime::Client::new(&ctx.identity, vec![addr], ctx.timeout)
+                .map_err(|e| format!("client: {e}"))?;
+            let todo: Vec<(u64, String)> = (lane..total)
+                .step_by(lanes as usize)
+                .map(|e| (e, key(ctx, e)))
+                .collect();
+            tasks.spawn(async move {
+                let mut found = Vec::new();
+                for (e, key) in todo {
+                    let req = KvRequest::Get { key, r: None };
+                    match client.call_at::<KvApi>(addr, &req).await {
+                        Ok(KvResponse::Value { version, .. }) => {
+                            if version.is_some_and(|v| v.value.is_some()) {
+                                found.push(e);
                             }
                         }
+                        other => return Err(format!("get of {e} through {addr}: {other:?}")),
                     }
                 }
-                other => {
-                    let msg = format!("scan of bucket {b}: {other:?}");
-                    w.complete(ctx, EventType::Fail, "read", Value::Null, Some(msg.clone()));
-                    return Err(msg);
-                }
+                Ok(found)
+            });
+        }
+        let mut found = BTreeSet::new();
+        let mut failure = None;
+        while let Some(r) = tasks.join_next().await {
+            match r {
+                Ok(Ok(f)) => found.extend(f),
+                Ok(Err(e)) => failure = Some(e),
+                Err(e) => failure = Some(format!("a reader panicked: {e}")),
             }
         }
-        let list: Vec<u64> = found.iter().copied().collect();
+        if let Some(msg) = failure {
+            w.complete(ctx, EventType::Fail, "read", Value::Null, Some(msg.clone()));
+            return Err(msg);
+        }
+        let list: Vec<u64> = found.into_iter().collect();
         w.complete(ctx, EventType::Ok, "read", json!(list), None);
-        // Acknowledged adds the scan missed: read each with R = N.
-        let h = ctx.rec.snapshot();
-        let mut missing = Vec::new();
-        if let Ok(ops) = h.ops() {
-            for op in ops {
-                if op.invoke.f == "add" && op.outcome() == EventType::Ok {
-                    if let Some(e) = op.invoke.value.as_u64() {
-                        if !found.contains(&e) {
-                            missing.push(e);
-                        }
-                    }
-                }
-            }
-        }
-        if !missing.is_empty() {
-            eprintln!(
-                "the scan missed {} acknowledged adds; reading each with R = N",
-                missing.len()
-            );
-        }
-        for e in missing {
-            let node = w.invoke(ctx, "read", Value::Null).await;
-            let req = KvRequest::Get {
-                key: key(ctx, e),
-                r: Some(3),
-            };
-            match w.send_to::<KvApi>(ctx, node, &req).await.1 {
-                Ok(KvResponse::Value { version, .. }) => {
-                    let got: Vec<u64> = match version.and_then(|v| v.value) {
-                        Some(_) => vec![e],
-                        None => vec![],
-                    };
-                    w.complete(ctx, EventType::Ok, "read", json!(got), None);
-                }
-                other => {
-                    let msg = format!("read of {e}: {other:?}");
-                    w.complete(ctx, EventType::Fail, "read", Value::Null, Some(msg.clone()));
-                    return Err(msg);
-                }
-            }
-        }
         Ok(())
     }
 

@@ -2,6 +2,7 @@
 
 mod bad_input;
 mod kv;
+mod kv_partition;
 mod membership;
 mod metrics;
 mod ratelimit;
