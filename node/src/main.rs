@@ -325,12 +325,14 @@ struct Fail(u8, String);
 
 impl From<ClientError> for Fail {
     fn from(e: ClientError) -> Self {
-        let code = match &e {
-            ClientError::NoNode(_) => 3,
-            ClientError::Tls(_) => 2,
-            ClientError::Rpc(_) => 1,
-        };
-        Fail(code, e.to_string())
+        match &e {
+            ClientError::NoNode(_) => Fail(
+                3,
+                format!("{e}\nhint: `scripts/cluster.sh up` starts the local cluster"),
+            ),
+            ClientError::Tls(_) => Fail(2, e.to_string()),
+            ClientError::Rpc(_) => Fail(1, e.to_string()),
+        }
     }
 }
 
