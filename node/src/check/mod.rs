@@ -433,15 +433,15 @@ fn default_run_dir(workload: &str) -> PathBuf {
 }
 
 /// Wait until `f` succeeds or `deadline` passes; the last error otherwise.
-async fn wait_for<F, Fut>(deadline: Duration, mut f: F) -> Result<(), String>
+async fn wait_for<T, F, Fut>(deadline: Duration, mut f: F) -> Result<T, String>
 where
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<(), String>>,
+    Fut: std::future::Future<Output = Result<T, String>>,
 {
     let end = Instant::now() + deadline;
     loop {
         let e = match f().await {
-            Ok(()) => return Ok(()),
+            Ok(v) => return Ok(v),
             Err(e) => e,
         };
         if Instant::now() >= end {

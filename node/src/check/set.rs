@@ -26,6 +26,8 @@ use super::{Ctx, Verdict, Worker, Workload};
 const BUCKET: u64 = 5000;
 /// Concurrent final reads per node.
 const READ_LANES_PER_NODE: u64 = 4;
+/// How long one element's final get is retried before the read fails.
+const READ_RETRY: Duration = Duration::from_secs(30);
 
 /// Check a set history.
 pub fn check(h: &History) -> Verdict {
@@ -269,13 +271,17 @@ impl Workload for Set {
                 let mut found = Vec::new();
                 for (e, key) in todo {
                     let req = KvRequest::Get { key, r: None };
-                    match client.call_at::<KvApi>(addr, &req).await {
-                        Ok(KvResponse::Value { version, .. }) => {
-                            if version.is_some_and(|v| v.value.is_some()) {
-                                found.push(e);
-                            }
+                    // A get that finds too few replicas answering (a loaded machine, a node
+                    // still catching up) is retried as a user would; only an answer counts.
+                    let got = super::wait_for(READ_RETRY, || async {
+                        match client.call_at::<KvApi>(addr, &req).await {
+                            Ok(KvResponse::Value { version, .. }) => Ok(version),
+                            other => Err(format!("get of {e} through {addr}: {other:?}")),
                         }
-                        other => return Err(format!("get of {e} through {addr}: {other:?}")),
+                    })
+                    .await?;
+                    if got.is_some_and(|v| v.value.is_some()) {
+                        found.push(e);
                     }
                 }
                 Ok(found)
