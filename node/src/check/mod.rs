@@ -644,11 +644,12 @@ async fn run_inner(
         .map_err(|e| anyhow!("the cluster did not recover within 60 s of healing: {e}"))?;
     let mut fin = ctx.new_worker(0)?;
     let ready = ready_within(workload.as_ref(), &ctx, &mut fin, Duration::from_secs(60)).await;
+    // Recovery ends when the workload is ready again, not after its final reads.
+    let recovered_ns = ctx.now_ns();
     let finish = match ready {
         Ok(()) => workload.finish(&ctx, &mut fin).await,
         Err(e) => Err(format!("not ready after healing: {e}")),
     };
-    let recovered_ns = ctx.now_ns();
     let history = rec.snapshot();
     // The cluster's work is done: free the CPU for the checker, and keep the history even
     // if the checker is interrupted.
