@@ -228,6 +228,10 @@ pub struct CacheStats {
     pub repl_dropped: u64,
     /// Values loaded from `kv` by read-through.
     pub loads: u64,
+    /// This node has handed off its keys for the ring it sees now, and nothing it sent is
+    /// still queued: a key deleted from now on cannot be brought back by a hand-off of the
+    /// ring change just before (tests wait for it before they start).
+    pub settled: bool,
 }
 
 /// Answers.

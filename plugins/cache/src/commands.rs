@@ -6,6 +6,7 @@
 
 use smallvec::SmallVec;
 
+use crate::number::parse_i64;
 use crate::resp::Frame;
 use crate::store::{SetOptions, Store, StoreError, Ttl};
 
@@ -215,28 +216,65 @@ fn store_err(e: StoreError) -> Frame {
     Frame::err(e.to_string())
 }
 
-fn parse_i64(b: &[u8]) -> Option<i64> {
-    let s = std::str::from_utf8(b).ok()?;
-    if s.is_empty() || s.starts_with('+') || s.len() > 20 {
-        return None;
-    }
-    s.parse().ok()
+/// An argument as Redis' C code sees it where it compares it with `strcasecmp` or prints it
+/// with `%s` (options, names in error texts): up to its first NUL byte.
+fn c_str(b: &[u8]) -> &[u8] {
+    b.iter().position(|&c| c == 0).map_or(b, |i| &b[..i])
 }
 
+/// Whether argument `arg` is option `want` (upper case), compared as Redis compares options.
+fn is_opt(arg: &[u8], want: &str) -> bool {
+    c_str(arg).eq_ignore_ascii_case(want.as_bytes())
+}
+
+/// An error reply quoting client bytes, as they came (UTF-8 or not) except CR and LF:
+/// Redis trims them from both ends of the message, then turns the others into spaces, so
+/// the reply stays one line (`addReplyErrorFormat`).
+fn err_quoting(parts: &[&[u8]]) -> Frame {
+    let msg = parts.concat();
+    let is_eol = |b: &u8| *b == b'\r' || *b == b'\n';
+    let start = msg.iter().position(|b| !is_eol(b)).unwrap_or(msg.len());
+    let end = msg
+        .iter()
+        .rposition(|b| !is_eol(b))
+        .map_or(start, |i| i + 1);
+    Frame::Error(
+        msg[start..end]
+            .iter()
+            .map(|&b| if is_eol(&b) { b' ' } else { b })
+            .collect(),
+    )
+}
+
+/// The current time as Redis holds it (signed milliseconds), for its overflow checks.
+fn now_i64(now: u64) -> i64 {
+    i64::try_from(now).unwrap_or(i64::MAX)
+}
+
+/// Redis' reply to an unknown command: the name (up to 128 bytes) and the arguments quoted
+/// one after the other while the quoted text is shorter than 128 bytes, the last one cut
+/// to fit (`processCommand`).
 fn unknown(cmd: &[&[u8]]) -> Frame {
-    let mut args = String::new();
-    for a in cmd.iter().skip(1).take(20) {
-        let a = String::from_utf8_lossy(a);
-        let a: String = a.chars().take(128).collect();
-        args.push_str(&format!("'{a}' "));
+    const ROOM: usize = 128;
+    let mut args: Vec<u8> = Vec::new();
+    for a in cmd.iter().skip(1) {
+        if args.len() >= ROOM {
+            break;
+        }
+        let a = c_str(a);
+        let take = a.len().min(ROOM - args.len());
+        args.push(b'\'');
+        args.extend_from_slice(&a[..take]);
+        args.extend_from_slice(b"' ");
     }
-    let n: String = String::from_utf8_lossy(cmd.first().copied().unwrap_or_default())
-        .chars()
-        .take(128)
-        .collect();
-    Frame::err(format!(
-        "ERR unknown command '{n}', with args beginning with: {args}"
-    ))
+    let name = c_str(cmd.first().copied().unwrap_or_default());
+    let name = &name[..name.len().min(ROOM)];
+    err_quoting(&[
+        b"ERR unknown command '",
+        name,
+        b"', with args beginning with: ",
+        &args,
+    ])
 }
 
 /// Run `cmd` on `store` at time `now`.
@@ -276,29 +314,7 @@ fn strings<'a>(store: &mut Store, name: &str, cmd: &[&'a [u8]], now: u64) -> Out
                 Err(e) => Outcome::reply(store_err(e)),
             }
         }
-        "SETEX" | "PSETEX" => {
-            let unit = if name == "SETEX" { 1000 } else { 1 };
-            match parse_i64(cmd[2]) {
-                Some(t) if t > 0 => {
-                    let Some(at) = (t as u64)
-                        .checked_mul(unit)
-                        .and_then(|d| now.checked_add(d))
-                    else {
-                        return Outcome::reply(expire_err(name));
-                    };
-                    let opts = SetOptions {
-                        expire_at: Some(at),
-                        ..Default::default()
-                    };
-                    match store.set(key, cmd[3], opts, now) {
-                        Ok(_) => Outcome::wrote(Frame::ok(), key),
-                        Err(e) => Outcome::reply(store_err(e)),
-                    }
-                }
-                Some(_) => Outcome::reply(expire_err(name)),
-                None => Outcome::reply(not_int()),
-            }
-        }
+        "SETEX" | "PSETEX" => setex(store, name, cmd, now),
         "EXPIRE" | "PEXPIRE" | "EXPIREAT" | "PEXPIREAT" => expire(store, name, cmd, now),
         "TTL" | "PTTL" => Outcome::reply(Frame::Integer(match store.ttl(key, now) {
             Ttl::Missing => -2,
@@ -315,31 +331,35 @@ fn strings<'a>(store: &mut Store, name: &str, cmd: &[&'a [u8]], now: u64) -> Out
             }
             _ => Outcome::reply(Frame::Integer(0)),
         },
-        "INCR" | "DECR" | "INCRBY" | "DECRBY" => {
-            let by = match name {
-                "INCR" => Some(1),
-                "DECR" => Some(-1),
-                "INCRBY" => parse_i64(cmd[2]),
-                _ => parse_i64(cmd[2]).and_then(i64::checked_neg),
-            };
-            let Some(by) = by else {
-                return Outcome::reply(if name == "DECRBY" && parse_i64(cmd[2]).is_some() {
-                    Frame::err("ERR decrement would overflow")
-                } else {
-                    not_int()
-                });
-            };
-            match store.incr_by(key, by, now) {
-                Ok(n) => Outcome::wrote(Frame::Integer(n), key),
-                Err(e) => Outcome::reply(store_err(e)),
-            }
-        }
+        "INCR" | "DECR" | "INCRBY" | "DECRBY" => incr(store, name, cmd, now),
         "APPEND" => match store.append(key, cmd[2], now) {
             Ok(n) => Outcome::wrote(Frame::Integer(n as i64), key),
             Err(e) => Outcome::reply(store_err(e)),
         },
         "STRLEN" => Outcome::reply(Frame::Integer(store.strlen(key, now) as i64)),
         _ => Outcome::reply(unknown(cmd)),
+    }
+}
+
+/// INCR, DECR, INCRBY, DECRBY. The argument is checked before the stored value, as Redis
+/// does, and an error leaves the key as it was (value and TTL).
+fn incr<'a>(store: &mut Store, name: &str, cmd: &[&'a [u8]], now: u64) -> Outcome<'a> {
+    let by = match name {
+        "INCR" => 1,
+        "DECR" => -1,
+        _ => match (name, parse_i64(cmd[2])) {
+            (_, None) => return Outcome::reply(not_int()),
+            ("INCRBY", Some(n)) => n,
+            // -i64::MIN does not exist; Redis says so with its own text.
+            (_, Some(n)) => match n.checked_neg() {
+                Some(n) => n,
+                None => return Outcome::reply(Frame::err("ERR decrement would overflow")),
+            },
+        },
+    };
+    match store.incr_by(cmd[1], by, now) {
+        Ok(n) => Outcome::wrote(Frame::Integer(n), cmd[1]),
+        Err(e) => Outcome::reply(store_err(e)),
     }
 }
 
@@ -350,56 +370,120 @@ fn expire_err(name: &str) -> Frame {
     ))
 }
 
-/// SET key value [NX|XX] [GET] [EX s|PX ms|EXAT s|PXAT ms|KEEPTTL]
-fn set<'a>(store: &mut Store, cmd: &[&'a [u8]], now: u64) -> Outcome<'a> {
-    let key = cmd[1];
+/// The absolute deadline (ms) asked by SET's `EX`/`PX`/`EXAT`/`PXAT` (`unit`) argument, or
+/// SETEX's (`EX`) and PSETEX's (`PX`), checked as Redis' `getExpireMillisecondsOrReply`
+/// does: an integer, positive, and in signed 64-bit milliseconds once converted and, for
+/// the relative ones, added to now. `cmd` names the command in the error.
+fn set_deadline(unit: &str, arg: &[u8], now: u64, cmd: &str) -> Result<u64, Frame> {
+    let n = parse_i64(arg).ok_or_else(not_int)?;
+    let seconds = matches!(unit, "EX" | "EXAT");
+    if n <= 0 || (seconds && n > i64::MAX / 1000) {
+        return Err(expire_err(cmd));
+    }
+    let ms = if seconds { n * 1000 } else { n };
+    let at = if matches!(unit, "EX" | "PX") {
+        ms.checked_add(now_i64(now))
+    } else {
+        Some(ms)
+    };
+    // Positive whenever it exists: `ms` is, and so is now.
+    at.and_then(|t| u64::try_from(t).ok())
+        .ok_or_else(|| expire_err(cmd))
+}
+
+/// SETEX key seconds value, PSETEX key ms value.
+fn setex<'a>(store: &mut Store, name: &str, cmd: &[&'a [u8]], now: u64) -> Outcome<'a> {
+    let unit = if name == "SETEX" { "EX" } else { "PX" };
+    let at = match set_deadline(unit, cmd[2], now, name) {
+        Ok(at) => at,
+        Err(e) => return Outcome::reply(e),
+    };
+    let opts = SetOptions {
+        expire_at: Some(at),
+        ..Default::default()
+    };
+    match store.set(cmd[1], cmd[3], opts, now) {
+        Ok(_) => Outcome::wrote(Frame::ok(), cmd[1]),
+        Err(e) => Outcome::reply(store_err(e)),
+    }
+}
+
+/// The expiry SET was given. The time argument is kept as text: Redis reads it only once
+/// every option parsed, so a syntax error anywhere wins over a bad number.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum SetExpiry<'a> {
+    None,
+    KeepTtl,
+    /// `EX`, `PX`, `EXAT` or `PXAT`, and its argument.
+    Time(&'static str, &'a [u8]),
+}
+
+impl SetExpiry<'_> {
+    /// Whether an option of kind `unit` (`None`: KEEPTTL) may follow: the expiry options
+    /// exclude each other, but each may repeat (the last one wins).
+    fn allows(&self, unit: Option<&str>) -> bool {
+        match (self, unit) {
+            (SetExpiry::None, _) | (SetExpiry::KeepTtl, None) => true,
+            (SetExpiry::Time(u, _), Some(v)) => *u == v,
+            _ => false,
+        }
+    }
+}
+
+/// SET's options, parsed as Redis' `parseExtendedStringArgumentsOrReply` does: NX excludes
+/// XX, GET goes with anything, an expiry option needs an argument after it; any other word
+/// is a syntax error.
+fn set_options<'a>(args: &[&'a [u8]]) -> Result<(SetOptions, SetExpiry<'a>), Frame> {
     let mut opts = SetOptions::default();
-    let mut get = false;
-    let mut expiry_given = false;
-    let mut i = 3;
-    while i < cmd.len() {
-        let opt = String::from_utf8_lossy(cmd[i]).to_ascii_uppercase();
-        match opt.as_str() {
-            "NX" if !opts.xx => opts.nx = true,
-            "XX" if !opts.nx => opts.xx = true,
-            "GET" => get = true,
-            "KEEPTTL" if !expiry_given => {
-                opts.keep_ttl = true;
-                expiry_given = true;
+    let mut expiry = SetExpiry::None;
+    let mut i = 0;
+    while let Some(&a) = args.get(i) {
+        let unit = ["EX", "PX", "EXAT", "PXAT"]
+            .into_iter()
+            .find(|u| is_opt(a, u));
+        if is_opt(a, "NX") && !opts.xx {
+            opts.nx = true;
+        } else if is_opt(a, "XX") && !opts.nx {
+            opts.xx = true;
+        } else if is_opt(a, "GET") {
+            opts.get = true;
+        } else if is_opt(a, "KEEPTTL") && expiry.allows(None) {
+            expiry = SetExpiry::KeepTtl;
+        } else if let (Some(u), Some(&arg)) = (unit, args.get(i + 1)) {
+            if !expiry.allows(Some(u)) {
+                return Err(syntax());
             }
-            "EX" | "PX" | "EXAT" | "PXAT" if !expiry_given => {
-                expiry_given = true;
-                let Some(arg) = cmd.get(i + 1) else {
-                    return Outcome::reply(syntax());
-                };
-                let Some(n) = parse_i64(arg) else {
-                    return Outcome::reply(not_int());
-                };
-                if n <= 0 {
-                    return Outcome::reply(expire_err("set"));
-                }
-                let n = n as u64;
-                let at = match opt.as_str() {
-                    "EX" => n.checked_mul(1000).and_then(|d| now.checked_add(d)),
-                    "PX" => now.checked_add(n),
-                    "EXAT" => n.checked_mul(1000),
-                    _ => Some(n),
-                };
-                let Some(at) = at else {
-                    return Outcome::reply(expire_err("set"));
-                };
-                opts.expire_at = Some(at);
-                i += 1;
-            }
-            _ => return Outcome::reply(syntax()),
+            expiry = SetExpiry::Time(u, arg);
+            i += 1;
+        } else {
+            return Err(syntax());
         }
         i += 1;
     }
-    opts.get = get;
+    Ok((opts, expiry))
+}
+
+/// SET key value [NX|XX] [GET] [EX s|PX ms|EXAT s|PXAT ms|KEEPTTL]
+fn set<'a>(store: &mut Store, cmd: &[&'a [u8]], now: u64) -> Outcome<'a> {
+    let key = cmd[1];
+    let parsed = set_options(&cmd[3..]).and_then(|(mut opts, expiry)| {
+        match expiry {
+            SetExpiry::None => {}
+            SetExpiry::KeepTtl => opts.keep_ttl = true,
+            SetExpiry::Time(unit, arg) => {
+                opts.expire_at = Some(set_deadline(unit, arg, now, "set")?)
+            }
+        }
+        Ok(opts)
+    });
+    let opts = match parsed {
+        Ok(opts) => opts,
+        Err(e) => return Outcome::reply(e),
+    };
     match store.set(key, cmd[2], opts, now) {
         Err(e) => Outcome::reply(store_err(e)),
         Ok(o) => {
-            let reply = match (get, o.written) {
+            let reply = match (opts.get, o.written) {
                 (true, _) => o.old.map(Frame::Bulk).unwrap_or(Frame::Null),
                 (false, true) => Frame::ok(),
                 (false, false) => Frame::Null,
@@ -413,43 +497,97 @@ fn set<'a>(store: &mut Store, cmd: &[&'a [u8]], now: u64) -> Outcome<'a> {
     }
 }
 
+/// EXPIRE's NX/XX/GT/LT flags.
+#[derive(Debug, Default, Clone, Copy)]
+struct ExpireFlags {
+    nx: bool,
+    xx: bool,
+    gt: bool,
+    lt: bool,
+}
+
+impl ExpireFlags {
+    /// Parsed as Redis' `parseExtendedExpireArgumentsOrReply` does, before the time
+    /// argument is read (so a bad flag wins over a bad number, and over a missing key).
+    fn parse(args: &[&[u8]]) -> Result<ExpireFlags, Frame> {
+        let mut f = ExpireFlags::default();
+        for a in args {
+            if is_opt(a, "NX") {
+                f.nx = true;
+            } else if is_opt(a, "XX") {
+                f.xx = true;
+            } else if is_opt(a, "GT") {
+                f.gt = true;
+            } else if is_opt(a, "LT") {
+                f.lt = true;
+            } else {
+                return Err(err_quoting(&[b"ERR Unsupported option ", c_str(a)]));
+            }
+        }
+        if f.nx && (f.xx || f.gt || f.lt) {
+            return Err(Frame::err(
+                "ERR NX and XX, GT or LT options at the same time are not compatible",
+            ));
+        }
+        if f.gt && f.lt {
+            return Err(Frame::err(
+                "ERR GT and LT options at the same time are not compatible",
+            ));
+        }
+        Ok(f)
+    }
+
+    /// Whether deadline `when` may replace `current` (`None`: the key does not expire,
+    /// which GT counts as infinitely far and LT as later than anything).
+    fn allow(&self, when: i64, current: Option<i64>) -> bool {
+        !((self.nx && current.is_some())
+            || (self.xx && current.is_none())
+            || (self.gt && current.is_none_or(|c| when <= c))
+            || (self.lt && current.is_some_and(|c| when >= c)))
+    }
+}
+
+/// The deadline (signed ms, possibly in the past) EXPIRE and friends ask for, refused as
+/// Redis refuses it: when it does not fit in signed 64-bit milliseconds once converted from
+/// seconds and, for the relative ones, added to now. Negative times are accepted (the key
+/// is deleted).
+fn expire_deadline(name: &str, arg: &[u8], now: u64) -> Result<i64, Frame> {
+    let n = parse_i64(arg).ok_or_else(not_int)?;
+    let ms = if matches!(name, "EXPIRE" | "EXPIREAT") {
+        n.checked_mul(1000)
+    } else {
+        Some(n)
+    };
+    let base = if matches!(name, "EXPIRE" | "PEXPIRE") {
+        now_i64(now)
+    } else {
+        0
+    };
+    ms.and_then(|ms| ms.checked_add(base))
+        .ok_or_else(|| expire_err(name))
+}
+
 /// EXPIRE key seconds [NX|XX|GT|LT] and friends.
 fn expire<'a>(store: &mut Store, name: &str, cmd: &[&'a [u8]], now: u64) -> Outcome<'a> {
     let key = cmd[1];
-    let Some(n) = parse_i64(cmd[2]) else {
-        return Outcome::reply(not_int());
+    let flags = match ExpireFlags::parse(&cmd[3..]) {
+        Ok(f) => f,
+        Err(e) => return Outcome::reply(e),
     };
-    let at: Option<i128> = match name {
-        "EXPIRE" => Some(now as i128 + n as i128 * 1000),
-        "PEXPIRE" => Some(now as i128 + n as i128),
-        "EXPIREAT" => Some(n as i128 * 1000),
-        _ => Some(n as i128),
+    let when = match expire_deadline(name, cmd[2], now) {
+        Ok(w) => w,
+        Err(e) => return Outcome::reply(e),
     };
-    let Some(at) = at.filter(|t| *t <= u64::MAX as i128) else {
-        return Outcome::reply(expire_err(name));
+    let current = match store.ttl(key, now) {
+        Ttl::Missing => return Outcome::reply(Frame::Integer(0)),
+        Ttl::Persistent => None,
+        Ttl::Ms(ms) => Some(now_i64(now).saturating_add(now_i64(ms))),
     };
-    let at = at.max(0) as u64;
-    let cur = store.ttl(key, now);
-    if cur == Ttl::Missing {
+    if !flags.allow(when, current) {
         return Outcome::reply(Frame::Integer(0));
     }
-    let cur_at = match cur {
-        Ttl::Ms(ms) => Some(now + ms),
-        _ => None,
-    };
-    for flag in &cmd[3..] {
-        let ok = match String::from_utf8_lossy(flag).to_ascii_uppercase().as_str() {
-            "NX" => cur_at.is_none(),
-            "XX" => cur_at.is_some(),
-            "GT" => cur_at.is_some_and(|c| at > c),
-            "LT" => cur_at.is_none_or(|c| at < c),
-            other => return Outcome::reply(Frame::err(format!("ERR Unsupported option {other}"))),
-        };
-        if !ok {
-            return Outcome::reply(Frame::Integer(0));
-        }
-    }
-    store.set_expiry(key, Some(at), now);
+    // A deadline not after now deletes the key (still a 1, as in Redis).
+    store.set_expiry(key, Some(u64::try_from(when).unwrap_or(0)), now);
     Outcome::wrote(Frame::Integer(1), key)
 }
 
@@ -517,11 +655,7 @@ fn server<'a>(store: &mut Store, name: &str, cmd: &[&'a [u8]], env: &Env) -> Out
                 quit: true,
             }
         }
-        "SELECT" if n == 2 => match parse_i64(cmd[1]) {
-            Some(0) => Frame::ok(),
-            Some(_) => Frame::err("ERR DB index is out of range"),
-            None => not_int(),
-        },
+        "SELECT" if n == 2 => select(cmd[1]),
         "COMMAND" => match arg_upper(cmd, 1).as_str() {
             "" | "DOCS" | "INFO" | "LIST" => Frame::Array(vec![]),
             "COUNT" => Frame::Integer(0),
@@ -542,7 +676,8 @@ fn server<'a>(store: &mut Store, name: &str, cmd: &[&'a [u8]], env: &Env) -> Out
         },
         "HELLO" => match cmd.get(1).map(|v| parse_i64(v)) {
             None | Some(Some(2)) => hello(env),
-            Some(Some(_)) => Frame::err("NOPROTO sorry, this protocol version is not supported"),
+            // RESP3 (HELLO 3) is not spoken here: refused as Redis refuses versions it lacks.
+            Some(Some(_)) => Frame::err("NOPROTO unsupported protocol version"),
             Some(None) => Frame::err("ERR Protocol version is not an integer or out of range"),
         },
         "INFO" => Frame::Bulk(info(store, env).into_bytes()),
@@ -550,6 +685,19 @@ fn server<'a>(store: &mut Store, name: &str, cmd: &[&'a [u8]], env: &Env) -> Out
         _ => unknown(cmd),
     };
     Outcome::reply(reply)
+}
+
+/// SELECT index: an integer in C `int` range (Redis' `getIntFromObjectOrReply`), and only
+/// database 0 exists here.
+fn select(arg: &[u8]) -> Frame {
+    match parse_i64(arg).map(i32::try_from) {
+        None => not_int(),
+        Some(Err(_)) => {
+            Frame::err("ERR value is out of range, value must between -2147483648 and 2147483647")
+        }
+        Some(Ok(0)) => Frame::ok(),
+        Some(Ok(_)) => Frame::err("ERR DB index is out of range"),
+    }
 }
 
 fn glob(pattern: &[u8], s: &[u8]) -> bool {
@@ -727,10 +875,7 @@ mod tests {
             ),
             ("CONFIG GET nothing", Array(vec![])),
             ("CLIENT SETNAME x", ok.clone()),
-            (
-                "HELLO 3",
-                e("NOPROTO sorry, this protocol version is not supported"),
-            ),
+            ("HELLO 3", e("NOPROTO unsupported protocol version")),
             ("QUIT", ok.clone()),
             (
                 "FOO a b",
@@ -751,6 +896,226 @@ mod tests {
         let text = String::from_utf8_lossy(&text);
         assert!(text.contains("keyspace_hits:"), "{text}");
         assert!(text.contains("maxmemory_policy:allkeys-lru"), "{text}");
+    }
+
+    /// Run `script` (command, expected reply) in order on one store at a realistic time (the
+    /// overflow checks add now, as Redis does), with `words` splitting each command.
+    fn run_script(s: &mut Store, script: &[(&str, Frame)]) {
+        for (i, (cmd, want)) in script.iter().enumerate() {
+            let out = execute(s, &words(cmd), NOW, &env());
+            assert_eq!(&out.reply, want, "step {i}: {cmd}");
+        }
+    }
+
+    /// 2023-11-14, in ms: what redis-server's clock read when the replies below were taken.
+    const NOW: u64 = 1_700_000_000_000;
+
+    /// The three sequences of issue 15 where the cache used to read a non-canonical number:
+    /// each INCR/DECR is refused as redis-server 7.0 refuses it, and leaves the value and its
+    /// TTL as they were.
+    #[test]
+    fn non_canonical_integers_are_refused_and_change_nothing() {
+        let not_int = Frame::err("ERR value is not an integer or out of range");
+        let cases: [(&[&str], &str, &str); 3] = [
+            (&["SET k 041"], "INCR k", "041"),
+            (&["SET k 0", "APPEND k 1"], "INCR k", "01"),
+            (&["SET k 01"], "DECR k", "01"),
+        ];
+        for (setup, cmd, value) in cases {
+            let mut s = Store::new(StoreConfig::default());
+            for c in setup {
+                execute(&mut s, &words(c), NOW, &env());
+            }
+            execute(&mut s, &words("PEXPIRE k 100000"), NOW, &env());
+            let out = execute(&mut s, &words(cmd), NOW, &env());
+            assert_eq!(out.reply, not_int, "{setup:?} then {cmd}");
+            assert!(out.written.is_empty(), "{cmd} replicated nothing");
+            let got = execute(&mut s, &words("GET k"), NOW, &env()).reply;
+            assert_eq!(got, Frame::bulk(value), "{setup:?} then {cmd}");
+            let ttl = execute(&mut s, &words("PTTL k"), NOW, &env()).reply;
+            assert_eq!(ttl, Frame::Integer(100_000), "{cmd} kept the TTL");
+        }
+    }
+
+    /// Replies taken from redis-server 7.0.15 with redis-cli (issue 15): integer arguments
+    /// and values, overflow, expire times, option parsing order.
+    #[test]
+    fn answers_as_redis_7() {
+        use Frame::*;
+        let e = |s: &str| Error(s.into());
+        let b = |s: &str| Bulk(s.as_bytes().to_vec());
+        let ok = Frame::ok();
+        let not_int = || e("ERR value is not an integer or out of range");
+        let overflow = || e("ERR increment or decrement would overflow");
+        let bad_time = |c: &str| e(&format!("ERR invalid expire time in '{c}' command"));
+        let script: Vec<(&str, Frame)> = vec![
+            ("SET k -0", ok.clone()),
+            ("INCR k", not_int()),
+            ("SET k +1", ok.clone()),
+            ("INCR k", not_int()),
+            ("SET k 00000000000000000001", ok.clone()),
+            ("INCR k", not_int()),
+            ("SET k 1.5", ok.clone()),
+            ("INCR k", not_int()),
+            ("SET k 9223372036854775807", ok.clone()),
+            ("INCR k", overflow()),
+            ("GET k", b("9223372036854775807")),
+            ("SET k -9223372036854775808", ok.clone()),
+            ("DECR k", overflow()),
+            ("INCRBY k -1", overflow()),
+            ("DECRBY k 1", overflow()),
+            ("GET k", b("-9223372036854775808")),
+            ("DEL k", Integer(1)),
+            ("INCRBY k 9223372036854775807", Integer(i64::MAX)),
+            ("INCRBY k 1", overflow()),
+            ("DEL k", Integer(1)),
+            (
+                "DECRBY k -9223372036854775808",
+                e("ERR decrement would overflow"),
+            ),
+            ("GET k", Null),
+            ("SET k 5", ok.clone()),
+            (
+                "DECRBY k 9223372036854775807",
+                Integer(-9223372036854775802),
+            ),
+            ("DECRBY k 9223372036854775808", not_int()),
+            ("INCRBY k 041", not_int()),
+            ("INCRBY k -0", not_int()),
+            ("INCRBY k +1", not_int()),
+            ("INCRBY k 00", not_int()),
+            ("INCRBY k 1e3", not_int()),
+            // SET: options first (syntax), then the time.
+            ("SET k v EX 1 EX 100", ok.clone()),
+            ("TTL k", Integer(100)),
+            ("SET k v EX 100 PX 5", e("ERR syntax error")),
+            ("SET k v NX NX", Null),
+            ("SET k v2 XX XX GET GET", b("v")),
+            ("TTL k", Integer(-1)),
+            ("EXPIRE k 100", Integer(1)),
+            ("SET k v KEEPTTL KEEPTTL", ok.clone()),
+            ("TTL k", Integer(100)),
+            ("SET k v KEEPTTL EX 10", e("ERR syntax error")),
+            ("SET k v EX 10 KEEPTTL", e("ERR syntax error")),
+            ("SET k v EX", e("ERR syntax error")),
+            ("SET k v EX x BOGUS", e("ERR syntax error")),
+            ("SET k v NX XX EX x", e("ERR syntax error")),
+            ("SET k v EX 0", bad_time("set")),
+            ("SET k v EX -1", bad_time("set")),
+            ("SET k v EX 01", not_int()),
+            ("SET k v EX 9223372036854775", bad_time("set")),
+            ("SET k v EX 9223372036854776", bad_time("set")),
+            ("SET k v EX 9223372036854774", bad_time("set")),
+            ("SET k v PX 9223372036854775807", bad_time("set")),
+            ("SET k v PX 9223370000000000000", ok.clone()),
+            ("TTL k", Integer(9223370000000000)),
+            ("SET k v EXAT 9223372036854776", bad_time("set")),
+            ("SET k v PXAT 9223372036854775807", ok.clone()),
+            ("PTTL k", Integer(i64::MAX - NOW as i64)),
+            ("SET k v EXAT 1", ok.clone()),
+            ("GET k", Null),
+            ("SET k v NX GET", Null),
+            ("SET k w NX GET", b("v")),
+            ("GET k", b("v")),
+            ("SET nn v XX GET", Null),
+            ("GET nn", Null),
+            ("SETEX k 0 v", bad_time("setex")),
+            ("SETEX k 9223372036854775 v", bad_time("setex")),
+            ("SETEX k 9223372036854774 v", bad_time("setex")),
+            ("SETEX k 01 v", not_int()),
+            ("PSETEX k 9223372036854775807 v", bad_time("psetex")),
+            ("PSETEX k 0 v", bad_time("psetex")),
+            ("GET k", b("v")),
+            // EXPIRE: flags first, then the time, then the key.
+            (
+                "EXPIRE k 10 NX XX",
+                e("ERR NX and XX, GT or LT options at the same time are not compatible"),
+            ),
+            (
+                "EXPIRE k 10 GT LT",
+                e("ERR GT and LT options at the same time are not compatible"),
+            ),
+            ("EXPIRE k 10 foo", e("ERR Unsupported option foo")),
+            ("EXPIRE k x foo", e("ERR Unsupported option foo")),
+            ("EXPIRE nokey 10 bogus", e("ERR Unsupported option bogus")),
+            ("EXPIRE nokey x", not_int()),
+            ("EXPIRE k 9223372036854775", bad_time("expire")),
+            ("EXPIRE k -9223372036854775808", bad_time("expire")),
+            ("EXPIRE k -9223372036854776", bad_time("expire")),
+            ("PEXPIRE k 9223372036854775807", bad_time("pexpire")),
+            ("EXPIREAT k 9223372036854776", bad_time("expireat")),
+            ("GET k", b("v")),
+            ("EXPIRE k -9223372036854775", Integer(1)),
+            ("TTL k", Integer(-2)),
+            ("SET k v", ok.clone()),
+            ("PEXPIRE k -9223372036854775808", Integer(1)),
+            ("EXISTS k", Integer(0)),
+            ("SET k v", ok.clone()),
+            ("PEXPIREAT k 9223372036854775807", Integer(1)),
+            ("PTTL k", Integer(i64::MAX - NOW as i64)),
+            ("SET k v", ok.clone()),
+            ("PEXPIRE k 100000 GT", Integer(0)),
+            ("PEXPIRE k 100000 LT", Integer(1)),
+            ("PEXPIRE k 100000 NX", Integer(0)),
+            ("EXPIRE k 100 XX GT", Integer(0)),
+            ("EXPIRE k 101 XX GT", Integer(1)),
+            ("PERSIST k", Integer(1)),
+            ("EXPIRE k 5 XX", Integer(0)),
+            ("EXPIRE k 5 lt", Integer(1)),
+            ("TTL k", Integer(5)),
+            ("EXPIRE k -1 GT", Integer(0)),
+            ("EXPIRE k -1 LT", Integer(1)),
+            ("EXISTS k", Integer(0)),
+            // Server commands.
+            ("SELECT 16", e("ERR DB index is out of range")),
+            ("SELECT -1", e("ERR DB index is out of range")),
+            (
+                "SELECT 2147483648",
+                e("ERR value is out of range, value must between -2147483648 and 2147483647"),
+            ),
+            ("SELECT 00", not_int()),
+            ("HELLO 4", e("NOPROTO unsupported protocol version")),
+            ("HELLO 1", e("NOPROTO unsupported protocol version")),
+            (
+                "HELLO x",
+                e("ERR Protocol version is not an integer or out of range"),
+            ),
+            (
+                "foo",
+                e("ERR unknown command 'foo', with args beginning with: "),
+            ),
+        ];
+        let mut s = Store::new(StoreConfig::default());
+        run_script(&mut s, &script);
+    }
+
+    /// Options and names as Redis' C code reads them: up to a NUL byte; error texts keep one
+    /// line; an unknown command's arguments are quoted up to 128 bytes.
+    #[test]
+    fn c_strings_and_error_texts() {
+        let mut s = Store::new(StoreConfig::default());
+        let run = |s: &mut Store, cmd: &[&[u8]]| execute(s, cmd, NOW, &env()).reply;
+        assert_eq!(run(&mut s, &[b"SET", b"q", b"v"]), Frame::ok());
+        assert_eq!(run(&mut s, &[b"SET", b"q", b"w", b"XX\0"]), Frame::ok());
+        assert_eq!(
+            run(&mut s, &[b"EXPIRE", b"q", b"10", b"fo\0ox"]),
+            Frame::err("ERR Unsupported option fo")
+        );
+        assert_eq!(
+            run(&mut s, &[b"FO\0", b"a", b"b\0c"]),
+            Frame::err("ERR unknown command 'FO', with args beginning with: 'a' 'b' ")
+        );
+        assert_eq!(
+            run(&mut s, &[b"FOO", b"a\rx", b"b\nc"]),
+            Frame::err("ERR unknown command 'FOO', with args beginning with: 'a x' 'b c' ")
+        );
+        let (x, y) = ("x".repeat(100), "y".repeat(100));
+        let cmd: [&[u8]; 4] = [b"foo", x.as_bytes(), y.as_bytes(), b"c"];
+        let want = format!(
+            "ERR unknown command 'foo', with args beginning with: '{x}' '{}' ",
+            "y".repeat(25)
+        );
+        assert_eq!(run(&mut s, &cmd), Frame::err(want));
     }
 
     #[test]

@@ -27,6 +27,7 @@
 
 mod api;
 mod commands;
+mod number;
 mod resp;
 mod store;
 
@@ -611,6 +612,18 @@ impl Inner {
             .sum()
     }
 
+    /// No hand-off running or due for the current ring, and the replication queues empty.
+    fn settled(&self) -> bool {
+        let ring = self.ctx.ring();
+        let done = self
+            .handoff_ring
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .is_some_and(|l| l.nodes() == ring.nodes());
+        done && !self.handing_off.load(Ordering::Acquire) && self.repl_backlog() == 0
+    }
+
     /// Start a hand-off if the ring changed since the last one (and none is running).
     fn maybe_hand_off(self: &Arc<Self>) {
         let ring = self.ctx.ring();
@@ -1074,7 +1087,7 @@ impl Inner {
         let mut out = Vec::new();
         self.run(&[Args::from_slice(cmd)], &mut out).await;
         match parse_frame(&out, &self.limits) {
-            Ok(Some((Frame::Error(e), _))) => Err(RpcError::refused(e)),
+            Ok(Some((Frame::Error(e), _))) => Err(RpcError::refused(String::from_utf8_lossy(&e))),
             Ok(Some((f, _))) => Ok(f),
             _ => Err(RpcError::Internal("no reply".into())),
         }
@@ -1097,6 +1110,7 @@ impl Inner {
             clients: self.clients.load(Ordering::Relaxed) as u64,
             repl_dropped: self.repl_dropped.load(Ordering::Relaxed),
             loads: self.loads.load(Ordering::Relaxed),
+            settled: self.settled(),
         }
     }
 

@@ -17,8 +17,9 @@ use smallvec::SmallVec;
 pub enum Frame {
     /// `+OK\r\n` (borrowed for the fixed replies: `+OK` costs no allocation)
     Simple(Cow<'static, str>),
-    /// `-ERR ...\r\n`
-    Error(String),
+    /// `-ERR ...\r\n`, as bytes: Redis quotes client bytes in some errors (an unknown
+    /// command's arguments, an unsupported option) exactly as they came, UTF-8 or not.
+    Error(Vec<u8>),
     /// `:42\r\n`
     Integer(i64),
     /// `$3\r\nfoo\r\n`
@@ -39,7 +40,7 @@ impl Frame {
 
     /// An error reply; `msg` should start with an error code such as `ERR`.
     pub fn err(msg: impl Into<String>) -> Frame {
-        Frame::Error(msg.into())
+        Frame::Error(msg.into().into_bytes())
     }
 
     /// A bulk string.
@@ -206,7 +207,7 @@ fn parse_at(buf: &[u8], limits: &Limits, depth: usize) -> Parsed<Frame> {
     };
     let frame = match tag {
         b'+' => Frame::Simple(text()?.into()),
-        b'-' => Frame::Error(text()?),
+        b'-' => Frame::Error(head.to_vec()),
         b':' => {
             Frame::Integer(int(head).ok_or_else(|| RespError::Protocol("invalid integer".into()))?)
         }
@@ -247,13 +248,14 @@ fn skip_at(buf: &[u8], limits: &Limits, depth: usize) -> Result<Option<usize>, R
         return Ok(None);
     };
     match tag {
-        b'+' | b'-' => {
+        b'+' => {
             if std::str::from_utf8(head).is_err() {
                 return Err(RespError::Protocol(
                     "invalid UTF-8 in a simple string".into(),
                 ));
             }
         }
+        b'-' => {}
         b':' => {
             int(head).ok_or_else(|| RespError::Protocol("invalid integer".into()))?;
         }
@@ -362,16 +364,16 @@ fn put_header(out: &mut Vec<u8>, tag: u8, n: impl Into<i128>) {
 /// allocation of its own.
 pub fn encode(frame: &Frame, out: &mut Vec<u8>) {
     // Simple strings and errors cannot carry CR or LF: replace them so the stream stays valid.
-    fn line(out: &mut Vec<u8>, tag: u8, s: &str) {
+    fn line(out: &mut Vec<u8>, tag: u8, s: &[u8]) {
         out.push(tag);
         out.extend(
-            s.bytes()
-                .map(|b| if b == b'\r' || b == b'\n' { b' ' } else { b }),
+            s.iter()
+                .map(|&b| if b == b'\r' || b == b'\n' { b' ' } else { b }),
         );
         out.extend_from_slice(b"\r\n");
     }
     match frame {
-        Frame::Simple(s) => line(out, b'+', s),
+        Frame::Simple(s) => line(out, b'+', s.as_bytes()),
         Frame::Error(s) => line(out, b'-', s),
         Frame::Integer(i) => put_header(out, b':', *i),
         Frame::Bulk(b) => {
@@ -506,7 +508,12 @@ mod tests {
     fn arb_frame() -> impl Strategy<Value = Frame> {
         let leaf = prop_oneof![
             "[a-zA-Z0-9 ]{0,20}".prop_map(|s| Frame::Simple(s.into())),
-            "[a-zA-Z0-9 ]{0,20}".prop_map(Frame::Error),
+            "[a-zA-Z0-9 ]{0,20}".prop_map(|s| Frame::Error(s.into_bytes())),
+            proptest::collection::vec(
+                any::<u8>().prop_filter("one line", |b| *b != b'\r' && *b != b'\n'),
+                0..20
+            )
+            .prop_map(Frame::Error),
             any::<i64>().prop_map(Frame::Integer),
             proptest::collection::vec(any::<u8>(), 0..64).prop_map(Frame::Bulk),
             Just(Frame::Null),

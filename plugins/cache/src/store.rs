@@ -18,6 +18,8 @@ use indexmap::IndexSet;
 use serde::{Deserialize, Serialize};
 use smallvec::SmallVec;
 
+use crate::number::parse_i64;
+
 /// A key as the store holds it: up to 24 bytes inline, so a lookup compares the key in the
 /// map's own entry instead of following a pointer to a separate allocation (one cache miss
 /// less per lookup on a large map, and no allocation per short key).
@@ -72,14 +74,14 @@ pub enum StoreError {
     /// The write does not fit and the policy cannot make room.
     #[error("OOM command not allowed when used memory > 'maxmemory'.")]
     Oom,
-    /// INCR on a value that is not an integer, or an overflow.
+    /// A value or argument that is not the canonical form of a 64-bit integer.
     #[error("ERR value is not an integer or out of range")]
     NotInteger,
     /// INCRBY would overflow.
     #[error("ERR increment or decrement would overflow")]
     Overflow,
     /// The value would exceed the largest allowed string.
-    #[error("ERR string exceeds maximum allowed size")]
+    #[error("ERR string exceeds maximum allowed size (proto-max-bulk-len)")]
     TooLarge,
 }
 
@@ -656,17 +658,13 @@ impl Store {
         }
     }
 
-    /// Add `delta` to the integer stored at `key` (0 when missing); keeps the TTL.
+    /// Add `delta` to the integer stored at `key` (0 when missing); keeps the TTL. On an
+    /// error (not an integer, overflow, no memory) the key is left as it was.
     pub fn incr_by(&mut self, key: &[u8], delta: i64, now: u64) -> Result<i64, StoreError> {
         let (cur, ttl) = match self.peek(key, now) {
             None => (0i64, None),
-            Some((v, t)) => {
-                let s = std::str::from_utf8(v).map_err(|_| StoreError::NotInteger)?;
-                if s.is_empty() || s.len() > 20 || s.starts_with('+') {
-                    return Err(StoreError::NotInteger);
-                }
-                (s.parse::<i64>().map_err(|_| StoreError::NotInteger)?, t)
-            }
+            // Redis' reading: "041", "-0", "+1" are strings, not numbers.
+            Some((v, t)) => (parse_i64(v).ok_or(StoreError::NotInteger)?, t),
         };
         let next = cur.checked_add(delta).ok_or(StoreError::Overflow)?;
         self.put(key, next.to_string().as_bytes(), ttl, now)?;
