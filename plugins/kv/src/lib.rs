@@ -454,7 +454,7 @@ impl Inner {
         }
         let owners = self.ctx.owners();
         for (target, hints) in self.store.hints_by_target() {
-            let owner = owners.nodes().iter().any(|o| *o == target);
+            let owner = owners.nodes().contains(&target);
             if owner && !self.ctx.membership.is_alive(&target) {
                 continue;
             }
