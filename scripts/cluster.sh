@@ -43,11 +43,9 @@ start() {
   local n=$1
   ids | grep -qx "$n" || die "unknown node '$n' (cluster has: $(ids | tr '\n' ' '))"
   if pid_of "$n" >/dev/null; then log "$n already running"; return; fi
-  # mimalloc backs its heap with transparent huge pages (when THP is `madvise` or `always`):
-  # fewer TLB misses on large in-memory tables; the cache's redis-benchmark runs spent
-  # 7-8% less CPU per request with it. Set MIMALLOC_ALLOW_LARGE_OS_PAGES=0 to turn it off.
-  MIMALLOC_ALLOW_LARGE_OS_PAGES=${MIMALLOC_ALLOW_LARGE_OS_PAGES:-1} \
-    nohup "$BIN" --config "$CONFIG" agent --node "$n" </dev/null >>"$RUN/logs/$n.log" 2>&1 &
+  # Nodes start with transparent huge pages off (an idle heap would be resident 2 MiB at a
+  # time); DSYS_HUGE_PAGES=1 in the environment keeps them on.
+  nohup "$BIN" --config "$CONFIG" agent --node "$n" </dev/null >>"$RUN/logs/$n.log" 2>&1 &
   echo $! >"$RUN/pids/$n.pid"
   log "started $n (pid $!)"
 }

@@ -12,6 +12,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::faults::FaultRules;
+use crate::process::Usage;
 use crate::sys::{SysApi, SysRequest, SysResponse, SysService};
 use crate::timeline::{now_ms, TimelineEvent};
 
@@ -99,6 +100,9 @@ pub struct NodeDashboard {
     pub panels: Vec<Panel>,
     /// Fault rules in force on it.
     pub faults: FaultRules,
+    /// Its resident memory and CPU time.
+    #[serde(default)]
+    pub usage: Option<Usage>,
 }
 
 /// One member as the page shows it.
@@ -121,6 +125,9 @@ pub(crate) struct MemberRow {
 pub(crate) struct Counts {
     requests: u64,
     errors: u64,
+    /// Resident bytes and CPU milliseconds so far (the page turns the latter into a rate).
+    rss_bytes: Option<u64>,
+    cpu_ms: Option<u64>,
 }
 
 /// The ring as drawn: members and their virtual nodes.
@@ -213,6 +220,8 @@ pub(crate) async fn snapshot(
                 Counts {
                     requests: d.requests,
                     errors: d.errors,
+                    rss_bytes: d.usage.map(|u| u.rss_bytes),
+                    cpu_ms: d.usage.map(|u| u.cpu_ms),
                 },
             );
             if !d.faults.is_empty() {

@@ -136,6 +136,12 @@ async fn metrics_page(State(s): State<Arc<GatewayState>>) -> impl IntoResponse {
         s.metrics
             .set("dsys_faults_active", &[("kind", kind)], n as u64);
     }
+    if let Some(u) = crate::process::usage() {
+        s.metrics
+            .set("dsys_process_resident_bytes", &[], u.rss_bytes);
+        s.metrics.set("dsys_process_anon_bytes", &[], u.anon_bytes);
+        s.metrics.set("dsys_process_cpu_ms", &[], u.cpu_ms);
+    }
     s.sys.host.export_metrics(&s.metrics);
     for (name, _, restarts) in s.sys.host.statuses() {
         s.metrics.set(
@@ -171,6 +177,21 @@ pub(crate) fn serve(
         "dsys_plugin_requests_total",
         "counter",
         "Requests served by this node's plugins (local and remote callers), by outcome",
+    );
+    metrics.describe(
+        "dsys_process_resident_bytes",
+        "gauge",
+        "Resident memory of this node's process (VmRSS, the mapped binary included)",
+    );
+    metrics.describe(
+        "dsys_process_anon_bytes",
+        "gauge",
+        "Private anonymous resident memory of this node's process (RssAnon: heap and stacks)",
+    );
+    metrics.describe(
+        "dsys_process_cpu_ms",
+        "counter",
+        "User plus system CPU time of this node's process since it started, in milliseconds",
     );
     metrics.describe(
         "dsys_plugin_restarts",

@@ -17,6 +17,7 @@ mod merkle;
 mod metrics;
 mod node;
 mod plugin;
+pub mod process;
 mod ring;
 mod rpc;
 pub mod storage;

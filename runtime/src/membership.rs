@@ -319,8 +319,14 @@ impl MembershipHandle {
             vnodes: cfg.vnodes,
             view_rx,
             events,
-            ring: RwLock::new(Arc::new(Ring::new(std::slice::from_ref(&cfg.me), cfg.vnodes))),
-            owners: RwLock::new(Arc::new(Ring::new(std::slice::from_ref(&cfg.me), cfg.vnodes))),
+            ring: RwLock::new(Arc::new(Ring::new(
+                std::slice::from_ref(&cfg.me),
+                cfg.vnodes,
+            ))),
+            owners: RwLock::new(Arc::new(Ring::new(
+                std::slice::from_ref(&cfg.me),
+                cfg.vnodes,
+            ))),
             chitchat: Mutex::new(Some(handle)),
             tasks: Mutex::new(Vec::new()),
         });

@@ -10,6 +10,7 @@ use crate::dashboard::NodeDashboard;
 use crate::faults::{FaultCommand, FaultRules, Faults};
 use crate::membership::{MemberState, MembershipHandle};
 use crate::plugin::{PluginHost, PluginStatus};
+use crate::process::Usage;
 use crate::rpc::{Caller, Rpc, RpcError};
 use crate::timeline::Timeline;
 
@@ -32,6 +33,8 @@ pub enum SysRequest {
     Dashboard,
     /// Put a line on this node's timeline (chaos scripts say what they do, e.g. "kill n3").
     Note(String),
+    /// This process's resident memory and CPU time.
+    Usage,
 }
 
 /// Answers from `sys`.
@@ -54,6 +57,8 @@ pub enum SysResponse {
     Dashboard(NodeDashboard),
     /// Done.
     Ok,
+    /// Resident memory and CPU time (`None` without procfs).
+    Usage(Option<Usage>),
 }
 
 /// One row of `dsys cluster status`.
@@ -77,6 +82,10 @@ pub struct MemberStatus {
     pub restarts: u32,
     /// Plugins marked failed.
     pub failed: Vec<String>,
+    /// Its resident memory and CPU time, when it was asked (the answering node fills its
+    /// own; `dsys cluster status` asks the others).
+    #[serde(default)]
+    pub usage: Option<Usage>,
 }
 
 /// The answer to `dsys cluster status`, from one node's point of view.
@@ -136,6 +145,7 @@ impl SysService {
                     errors,
                     panels: self.host.panels(),
                     faults: self.faults.rules(),
+                    usage: crate::process::usage(),
                 })
             }
             SysRequest::Note(text) => {
@@ -150,6 +160,7 @@ impl SysService {
                     .record("chaos", &self.me, format!("{who}: {text}"));
                 SysResponse::Ok
             }
+            SysRequest::Usage => SysResponse::Usage(crate::process::usage()),
         })
     }
 
@@ -174,6 +185,7 @@ impl SysService {
                 plugins: m.plugins.clone(),
                 restarts: m.restarts.values().sum(),
                 failed: m.failed.clone(),
+                usage: None,
             })
             .collect();
         for (id, n) in &self.config.nodes {
@@ -188,10 +200,14 @@ impl SysService {
                     plugins: vec![],
                     restarts: 0,
                     failed: vec![],
+                    usage: None,
                 });
             }
         }
         members.sort_by(|a, b| a.id.cmp(&b.id));
+        if let Some(m) = members.iter_mut().find(|m| m.id == self.me) {
+            m.usage = crate::process::usage();
+        }
         ClusterStatus {
             node: self.me.clone(),
             members,

@@ -47,7 +47,7 @@ impl Default for Timeline {
 }
 
 /// Milliseconds since the UNIX epoch.
-pub(crate) fn now_ms() -> u64 {
+pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
