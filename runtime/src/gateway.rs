@@ -140,7 +140,8 @@ async fn metrics_page(State(s): State<Arc<GatewayState>>) -> impl IntoResponse {
         s.metrics
             .set("dsys_process_resident_bytes", &[], u.rss_bytes);
         s.metrics.set("dsys_process_anon_bytes", &[], u.anon_bytes);
-        s.metrics.set("dsys_process_cpu_ms", &[], u.cpu_ms);
+        s.metrics
+            .set_counter("dsys_process_cpu_milliseconds_total", &[], u.cpu_ms);
     }
     s.sys.host.export_metrics(&s.metrics);
     for (name, _, restarts) in s.sys.host.statuses() {
@@ -189,7 +190,7 @@ pub(crate) fn serve(
         "Private anonymous resident memory of this node's process (RssAnon: heap and stacks)",
     );
     metrics.describe(
-        "dsys_process_cpu_ms",
+        "dsys_process_cpu_milliseconds_total",
         "counter",
         "User plus system CPU time of this node's process since it started, in milliseconds",
     );

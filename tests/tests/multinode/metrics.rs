@@ -97,6 +97,9 @@ async fn metrics_follow_prometheus_conventions_and_cover_runtime_and_plugins() -
         "dsys_faults_active{kind=\"delay\"} 1",
         "dsys_kv_keys",
         "dsys_raft_term",
+        "dsys_process_resident_bytes ",
+        "dsys_process_anon_bytes ",
+        "dsys_process_cpu_milliseconds_total ",
     ] {
         assert!(has(want), "missing {want}");
     }
