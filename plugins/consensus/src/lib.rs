@@ -1104,8 +1104,13 @@ async fn initializer(weak: Weak<Inner>) {
     }
 }
 
-/// The leader's lease clock: propose the expiry of leases whose TTL ran out.
+/// The leader's lease clock: propose the expiry of leases whose TTL ran out. It ticks only
+/// while this node leads; a follower waits for a change of Raft's metrics instead (an idle
+/// follower must not wake ten times a second for nothing).
 async fn lease_loop(weak: Weak<Inner>) {
+    let Some(mut rx) = weak.upgrade().map(|i| i.raft.metrics()) else {
+        return;
+    };
     let mut tick = tokio::time::interval(LEASE_TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -1118,6 +1123,18 @@ async fn lease_loop(weak: Weak<Inner>) {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .clear();
+            let me = inner.my_id;
+            drop(inner);
+            loop {
+                if rx.changed().await.is_err() {
+                    return;
+                }
+                let m = rx.borrow_and_update();
+                if m.state == ServerState::Leader && m.current_leader == Some(me) {
+                    break;
+                }
+            }
+            tick.reset();
             continue;
         }
         let leases: BTreeMap<u64, u64> = inner.sm.read(|s| {
