@@ -612,11 +612,12 @@ impl Owners {
         members: &BTreeMap<String, Member>,
         now: tokio::time::Instant,
     ) -> Option<Vec<String>> {
-        let before = self.names();
+        // Runs every gossip round: note whether the set changed rather than compare copies.
+        let mut changed = false;
         for (id, m) in members {
             match m.state {
                 MemberState::Alive => {
-                    self.set.insert(id.clone(), None);
+                    changed |= self.set.insert(id.clone(), None).is_none();
                 }
                 // A restarting owner (new generation, not yet proven) keeps its ranges.
                 MemberState::Joining => {
@@ -630,7 +631,7 @@ impl Owners {
                     }
                 }
                 MemberState::Left => {
-                    self.set.remove(id);
+                    changed |= self.set.remove(id).is_some();
                 }
             }
         }
@@ -639,34 +640,25 @@ impl Owners {
                 since.get_or_insert(now);
             }
         }
-        let timeout = self.timeout;
+        let (timeout, len) = (self.timeout, self.set.len());
         self.set
             .retain(|_, since| since.is_none_or(|t| now.duration_since(t) < timeout));
-        self.set.insert(self.me.clone(), None);
-        let after = self.names();
-        if after == before {
+        changed |= self.set.len() != len;
+        match self.set.get_mut(&self.me) {
+            Some(since) => *since = None,
+            None => changed |= self.set.insert(self.me.clone(), None).is_none(),
+        }
+        if !changed {
             return None;
         }
+        let after = self.names();
         if let Some(f) = &self.file {
-            if let Err(e) = write_file(f, after.join("\n").as_bytes()) {
+            if let Err(e) = crate::storage::write_atomically(f, after.join("\n").as_bytes()) {
                 tracing::warn!("keeping the owner set in {}: {e}", f.display());
             }
         }
         Some(after)
     }
-}
-
-/// Write `bytes` to `path` through a fsynced temporary file and a rename.
-fn write_file(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
 }
 
 /// chitchat's UDP transport with the node's fault rules applied to every datagram.

@@ -127,7 +127,14 @@ impl SysService {
                 node: self.me.clone(),
                 generation: self.generation,
             },
-            SysRequest::Status => SysResponse::Status(self.status()),
+            SysRequest::Status => {
+                // Only here: the dashboard builds status() every second and does not use it.
+                let mut st = self.status();
+                if let Some(m) = st.members.iter_mut().find(|m| m.id == self.me) {
+                    m.usage = crate::process::usage();
+                }
+                SysResponse::Status(st)
+            }
             SysRequest::Chaos(cmd) => {
                 tracing::warn!(?cmd, "fault injection changed");
                 let what = format!("{cmd:?}");
@@ -205,9 +212,6 @@ impl SysService {
             }
         }
         members.sort_by(|a, b| a.id.cmp(&b.id));
-        if let Some(m) = members.iter_mut().find(|m| m.id == self.me) {
-            m.usage = crate::process::usage();
-        }
         ClusterStatus {
             node: self.me.clone(),
             members,

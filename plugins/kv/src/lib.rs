@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use dsys_runtime::{Caller, ClusterEvent, Metrics, Panel, Plugin, PluginContext, RpcError};
+use dsys_runtime::{Caller, ClusterEvent, Metrics, Panel, Plugin, PluginContext, Ring, RpcError};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
@@ -490,16 +490,26 @@ impl Inner {
         }
     }
 
+    /// The positions of `keys`, grouped under each of their N owners.
+    fn by_owner<'k>(
+        &self,
+        owners: &Ring,
+        keys: impl Iterator<Item = &'k str>,
+    ) -> std::collections::BTreeMap<String, Vec<usize>> {
+        let mut by_node: std::collections::BTreeMap<String, Vec<usize>> = Default::default();
+        for (i, k) in keys.enumerate() {
+            for o in owners.preference(k.as_bytes(), self.cfg.n as usize) {
+                by_node.entry(o.to_string()).or_default().push(i);
+            }
+        }
+        by_node
+    }
+
     /// Send each item to every owner of its key; true for the items all N owners stored.
     async fn hand_over(&self, items: &[(String, Version)]) -> Vec<bool> {
         let owners = self.ctx.owners();
         let n = self.cfg.n as usize;
-        let mut by_node: std::collections::BTreeMap<String, Vec<usize>> = Default::default();
-        for (i, (k, _)) in items.iter().enumerate() {
-            for o in owners.preference(k.as_bytes(), n) {
-                by_node.entry(o.to_string()).or_default().push(i);
-            }
-        }
+        let by_node = self.by_owner(&owners, items.iter().map(|(k, _)| k.as_str()));
         let mut acks = vec![0usize; items.len()];
         for (node, idx) in by_node {
             if !self.ctx.membership.is_alive(&node) {
@@ -552,23 +562,18 @@ impl Inner {
                 "at most {MAX_BATCH} keys per compare"
             )));
         }
-        let owners = self.ctx.owners();
-        let n = self.cfg.n as usize;
-        let mut by_node: std::collections::BTreeMap<String, Vec<String>> = Default::default();
         for k in &keys {
             RpcError::check_key(k, MAX_KEY_BYTES)?;
-            for o in owners.preference(k.as_bytes(), n) {
-                by_node.entry(o.to_string()).or_default().push(k.clone());
-            }
         }
-        // key -> (owners asked, digest each holds; None where it holds nothing)
-        let mut seen: std::collections::HashMap<&str, (usize, Vec<Option<u64>>)> =
-            Default::default();
-        for (node, ks) in &by_node {
+        let owners = self.ctx.owners();
+        // Per key, the digest each owner holds (None where it holds nothing).
+        let mut seen: Vec<Vec<Option<u64>>> = vec![Vec::new(); keys.len()];
+        for (node, idx) in self.by_owner(&owners, keys.iter().map(String::as_str)) {
+            let ks: Vec<String> = idx.iter().map(|i| keys[*i].clone()).collect();
             let got = match self
                 .ctx
                 .rpc
-                .call::<KvApi>(node, &KvRequest::Fetch(ks.clone()))
+                .call::<KvApi>(&node, &KvRequest::Fetch(ks))
                 .await?
             {
                 KvResponse::Items(items) => items,
@@ -576,19 +581,15 @@ impl Inner {
             };
             let got: std::collections::HashMap<String, u64> =
                 got.into_iter().map(|(k, v)| (k, v.digest())).collect();
-            for k in ks {
-                let e = seen.entry(k.as_str()).or_default();
-                e.0 += 1;
-                e.1.push(got.get(k).copied());
+            for i in idx {
+                seen[i].push(got.get(&keys[i]).copied());
             }
         }
         Ok(KvResponse::Keys(
-            keys.iter()
-                .filter(|k| {
-                    seen.get(k.as_str())
-                        .is_none_or(|(_, d)| d.iter().any(|x| *x != d[0]))
-                })
-                .cloned()
+            keys.into_iter()
+                .zip(seen)
+                .filter(|(_, d)| d.is_empty() || d.iter().any(|x| *x != d[0]))
+                .map(|(k, _)| k)
                 .collect(),
         ))
     }

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock};
 
-use dsys_runtime::storage::{SyncPolicy, Wal, WalConfig};
+use dsys_runtime::storage::{write_atomically, SyncPolicy, Wal, WalConfig};
 use serde::{Deserialize, Serialize};
 
 use crate::version::Version;
@@ -328,7 +328,7 @@ impl Store {
         let lsn = snap.lsn;
         let bytes = dsys_runtime::encode(&snap).map_err(wal_err)?;
         let dir = self.dir.clone();
-        tokio::task::spawn_blocking(move || write_atomically(&dir, "snapshot.bin", &bytes))
+        tokio::task::spawn_blocking(move || write_atomically(&dir.join("snapshot.bin"), &bytes))
             .await
             .map_err(wal_err)?
             .map_err(|e| StoreError::Snapshot {
@@ -358,16 +358,6 @@ fn merge(d: &mut BTreeMap<String, Version>, k: String, v: Version) -> bool {
             true
         }
     }
-}
-
-fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let tmp = dir.join(format!("{name}.tmp"));
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, dir.join(name))?;
-    std::fs::File::open(dir)?.sync_all()
 }
 
 #[cfg(test)]

@@ -26,3 +26,22 @@ pub use wal::{
     CheckpointInfo, SyncPolicy, Wal, WalConfig, WalReader, WalStats, WalVerify,
     DEFAULT_MAX_RECORD_BYTES, DEFAULT_SEGMENT_BYTES, MAX_APPEND_MANY_BYTES,
 };
+
+/// Replace the file at `path` with `bytes` durably: write a temporary file beside it, fsync
+/// it, rename it over `path`, fsync the folder (created if missing). A crash leaves either
+/// the old file or the new one, never a mix.
+pub fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => std::path::Path::new("."),
+    };
+    std::fs::create_dir_all(dir)?;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    std::fs::File::open(dir)?.sync_all()
+}
