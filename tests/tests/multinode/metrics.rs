@@ -46,7 +46,9 @@ fn parse(text: &str) -> (BTreeMap<String, String>, Vec<String>) {
 async fn metrics_follow_prometheus_conventions_and_cover_runtime_and_plugins() -> anyhow::Result<()>
 {
     let c = TestCluster::start(3).await?;
-    let client = c.client()?;
+    // Through n1, the node scraped below, so n1 is the coordinator that calls its peers (the
+    // client otherwise takes whichever node answers first).
+    let client = c.client_at("n1", Duration::from_secs(10))?;
     for i in 0..20 {
         client
             .call::<KvApi>(&KvRequest::Put {
