@@ -36,13 +36,13 @@ for r in $(seq 1 "$ROUNDS"); do
   scripts/cluster.sh kill "$victim" >/dev/null
   t0=$(date +%s%N)
   for o in "${others[@]}"; do
-    until "$BIN" --json --endpoints "127.0.0.1:$(port_of "$o")" cluster status | grep -A1 "\"id\": \"$victim\"" | grep -q '"dead"'; do sleep 0.02; done
+    until "$BIN" --json --endpoints "127.0.0.1:$(port_of "$o")" cluster status --no-usage | grep -A1 "\"id\": \"$victim\"" | grep -q '"dead"'; do sleep 0.02; done
   done
   dead=$(ms "$t0")
   scripts/cluster.sh start "$victim" >/dev/null
   t0=$(date +%s%N)
   for o in "${others[@]}"; do
-    until "$BIN" --json --endpoints "127.0.0.1:$(port_of "$o")" cluster status | grep -A1 "\"id\": \"$victim\"" | grep -q '"alive"'; do sleep 0.02; done
+    until "$BIN" --json --endpoints "127.0.0.1:$(port_of "$o")" cluster status --no-usage | grep -A1 "\"id\": \"$victim\"" | grep -q '"alive"'; do sleep 0.02; done
   done
   echo "round $r: $victim dead everywhere after ${dead} ms; back everywhere $(ms "$t0") ms after restart"
 done

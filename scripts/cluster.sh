@@ -69,7 +69,7 @@ wait_alive() { # wait until every running node sees every running node alive
     ok=0
     for n in $(running); do
       port=$(awk -v n="[nodes.$n]" '$0==n{f=1;next} /^\[/{f=0} f&&/^rpc_port/{print $3}' "$CONFIG")
-      c=$("$BIN" --config "$CONFIG" --endpoints "127.0.0.1:$port" --timeout 1s --json cluster status 2>/dev/null | grep -c '"state": "alive"' || true)
+      c=$("$BIN" --config "$CONFIG" --endpoints "127.0.0.1:$port" --timeout 1s --json cluster status --no-usage 2>/dev/null | grep -c '"state": "alive"' || true)
       [ "$c" -ge "$want" ] && ok=$((ok + 1))
     done
     [ "$ok" -eq "$want" ] && { log "all $want running nodes see each other alive"; return 0; }

@@ -11,14 +11,14 @@ trap 'scripts/cluster.sh down >/dev/null 2>&1 || true' EXIT
 fail() { echo "smoke: FAIL: $*" >&2; for f in "$DSYS_RUN_DIR"/logs/*.log; do echo "--- $f"; tail -20 "$f"; done >&2; exit 1; }
 
 scripts/cluster.sh up 5
-alive=$("$BIN" --json cluster status | grep -c '"state": "alive"') || true
+alive=$("$BIN" --json cluster status --no-usage | grep -c '"state": "alive"') || true
 [ "$alive" = 5 ] || fail "expected 5 alive, saw $alive"
 echo "smoke: 5 alive"
 
 scripts/cluster.sh kill n3
 t0=$(date +%s%N)
 for port in 7201 7202 7204 7205; do
-  until "$BIN" --json --endpoints 127.0.0.1:$port cluster status | grep -A1 '"id": "n3"' | grep -q '"dead"'; do
+  until "$BIN" --json --endpoints 127.0.0.1:$port cluster status --no-usage | grep -A1 '"id": "n3"' | grep -q '"dead"'; do
     [ $(( ($(date +%s%N) - t0) / 1000000 )) -lt 10000 ] || fail "node on $port did not see n3 dead within 10 s"
     sleep 0.05
   done
@@ -33,7 +33,7 @@ scripts/cluster.sh status >/dev/null
 # key's owner on the ring, and the rate limit is per owner (plugins/ratelimit/README.md).
 all_alive() {
   for port in 7201 7202 7203 7204 7205; do
-    [ "$("$BIN" --json --endpoints 127.0.0.1:$port cluster status 2>/dev/null | grep -c '"state": "alive"')" = 5 ] || return 1
+    [ "$("$BIN" --json --endpoints 127.0.0.1:$port cluster status --no-usage 2>/dev/null | grep -c '"state": "alive"')" = 5 ] || return 1
   done
 }
 deadline=$((SECONDS + 30))

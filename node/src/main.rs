@@ -178,8 +178,15 @@ enum ClusterCmd {
         #[arg(long)]
         force: bool,
     },
-    /// Members as seen by the first reachable node (or by --endpoints).
-    Status,
+    /// Members as seen by the first reachable node (or by --endpoints), with each alive
+    /// node's memory and CPU (asked of the node itself, waiting at most 500 ms for each).
+    Status {
+        /// Members only: do not ask each node for its memory and CPU, so the answer never
+        /// waits on a node that died a moment ago and is not yet known dead (for scripts
+        /// that poll membership).
+        #[arg(long)]
+        no_usage: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -431,13 +438,15 @@ async fn run(cli: Cli, agent_cfg: Option<Result<ClusterConfig, Fail>>) -> Result
             );
             Ok(0)
         }
-        Cmd::Cluster(ClusterCmd::Status) => {
+        Cmd::Cluster(ClusterCmd::Status { no_usage }) => {
             let client = client(&cli)?;
             let resp = client.call::<SysApi>(&SysRequest::Status).await?;
             let SysResponse::Status(mut st) = resp else {
                 return Err(Fail(1, "unexpected answer to status".into()));
             };
-            ask_usage(&client, &mut st).await;
+            if !no_usage {
+                ask_usage(&client, &mut st).await;
+            }
             if cli.json {
                 print_json(&st);
             } else {
@@ -946,12 +955,14 @@ fn client(cli: &Cli) -> Result<Client, Fail> {
 /// Fill in the resident memory and CPU time of every alive member that answers within the
 /// client's deadline (the answering node filled in its own); the others stay blank.
 async fn ask_usage(client: &Client, st: &mut ClusterStatus) {
+    // A node killed a moment ago is still alive for gossip; its figures are left out
+    // rather than holding up the whole answer until the connection attempt gives up.
+    const USAGE_WAIT: Duration = Duration::from_millis(500);
     let asks = st.members.iter_mut().filter_map(|m| {
         let addr: std::net::SocketAddr = m.rpc_addr.as_deref()?.parse().ok()?;
         (m.state == "alive" && m.usage.is_none()).then_some(async move {
-            if let Ok(SysResponse::Usage(u)) =
-                client.call_at::<SysApi>(addr, &SysRequest::Usage).await
-            {
+            let ask = client.call_at::<SysApi>(addr, &SysRequest::Usage);
+            if let Ok(Ok(SysResponse::Usage(u))) = tokio::time::timeout(USAGE_WAIT, ask).await {
                 m.usage = u;
             }
         })

@@ -88,7 +88,7 @@ fn default_certs_dir() -> PathBuf {
     PathBuf::from("run/certs")
 }
 fn default_gossip_ms() -> u64 {
-    100
+    200
 }
 fn default_phi() -> f64 {
     8.0
@@ -378,7 +378,7 @@ window_ms = 1000
     fn loads_and_env_overrides() {
         let c = load(GOOD, &[]).unwrap();
         assert_eq!(c.nodes.len(), 2);
-        assert_eq!(c.cluster.gossip_interval_ms, 100);
+        assert_eq!(c.cluster.gossip_interval_ms, 200);
         assert!(c.plugins.contains_key("ratelimit"));
         let c = load(
             GOOD,

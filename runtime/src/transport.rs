@@ -33,7 +33,7 @@ impl Default for TransportOptions {
     fn default() -> Self {
         TransportOptions {
             max_frame_bytes: 16 * 1024 * 1024,
-            idle_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(3),
         }
     }
@@ -128,7 +128,9 @@ fn transport_config(opts: &TransportOptions) -> Arc<quinn::TransportConfig> {
     if let Ok(idle) = opts.idle_timeout.try_into() {
         t.max_idle_timeout(Some(idle));
     }
-    t.keep_alive_interval(Some(opts.idle_timeout / 4));
+    // A ping every third of the idle timeout (10 s by default) keeps a quiet connection open
+    // (a dead peer's connection is closed as soon as gossip declares it dead, not by this).
+    t.keep_alive_interval(Some(opts.idle_timeout / 3));
     Arc::new(t)
 }
 

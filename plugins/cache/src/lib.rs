@@ -171,6 +171,7 @@ struct Inner {
     cfg: CacheConfig,
     limits: Limits,
     store: Mutex<Store>,
+    expiry: Expiry,
     port: AtomicU16,
     clients: AtomicUsize,
     repl_tx: Mutex<HashMap<String, ReplQueue>>,
@@ -395,6 +396,42 @@ impl<'r> ReplOut<'r> {
     }
 }
 
+/// The store, locked; on release it wakes the expiry loop if keys with a TTL have appeared
+/// while the loop sleeps (it sleeps while there are none, so an idle cache has no timer).
+struct StoreGuard<'a> {
+    store: std::sync::MutexGuard<'a, Store>,
+    expiry: &'a Expiry,
+}
+
+impl std::ops::Deref for StoreGuard<'_> {
+    type Target = Store;
+    fn deref(&self) -> &Store {
+        &self.store
+    }
+}
+
+impl std::ops::DerefMut for StoreGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Store {
+        &mut self.store
+    }
+}
+
+impl Drop for StoreGuard<'_> {
+    fn drop(&mut self) {
+        if self.store.volatile_len() > 0 && self.expiry.asleep.load(Ordering::Relaxed) {
+            self.expiry.asleep.store(false, Ordering::Relaxed);
+            self.expiry.wake.notify_one();
+        }
+    }
+}
+
+/// Whether the active-expiry loop is waiting for keys with a TTL, and how to wake it.
+#[derive(Default)]
+struct Expiry {
+    asleep: AtomicBool,
+    wake: tokio::sync::Notify,
+}
+
 /// True when `ring` holds no node but `me`: every key is local, nothing to replicate.
 fn alone(ring: &Ring, me: &str) -> bool {
     ring.nodes().iter().all(|n| n == me)
@@ -405,8 +442,11 @@ impl Inner {
         &self.ctx.node_id
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Store> {
-        self.store.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> StoreGuard<'_> {
+        StoreGuard {
+            store: self.store.lock().unwrap_or_else(|p| p.into_inner()),
+            expiry: &self.expiry,
+        }
     }
 
     /// Primary and replica of `key` in `ring` (this node when the ring is empty).
@@ -1413,6 +1453,7 @@ impl Plugin for CachePlugin {
             cfg,
             limits,
             store: Mutex::new(store),
+            expiry: Expiry::default(),
             port: AtomicU16::new(bound),
             clients: AtomicUsize::new(0),
             repl_tx: Mutex::new(HashMap::new()),
@@ -1426,10 +1467,30 @@ impl Plugin for CachePlugin {
         let (stop_tx, stop_rx) = watch::channel(());
         let mut tasks = vec![tokio::spawn(accept_loop(inner.clone(), listener, stop_rx))];
         let weak = Arc::downgrade(&inner);
+        let mut view = inner.ctx.membership.watch();
         tasks.push(tokio::spawn(async move {
+            // Active expiry at Redis' 10 Hz while keys with a TTL exist; otherwise no timer:
+            // the loop sleeps until a TTL is set (see `StoreGuard`) or membership changes.
             let mut tick = tokio::time::interval(Duration::from_millis(100));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
-                tick.tick().await;
+                let expiring = {
+                    let Some(inner) = weak.upgrade() else { return };
+                    let store = inner.store.lock().unwrap_or_else(|p| p.into_inner());
+                    let expiring = store.volatile_len() > 0;
+                    inner.expiry.asleep.store(!expiring, Ordering::Relaxed);
+                    expiring
+                };
+                let wake = match weak.upgrade() {
+                    Some(inner) => inner,
+                    None => return,
+                };
+                tokio::select! {
+                    _ = tick.tick(), if expiring => {}
+                    _ = wake.expiry.wake.notified(), if !expiring => {}
+                    r = view.changed() => if r.is_err() { return },
+                }
+                drop(wake);
                 let Some(inner) = weak.upgrade() else { return };
                 // Redis' active expiry: repeat while a quarter of the sample was expired.
                 for _ in 0..16 {

@@ -64,6 +64,11 @@ impl LeaseTimer {
         }
     }
 
+    /// The earliest deadline, if any lease has one.
+    pub(crate) fn next_deadline(&self) -> Option<Instant> {
+        self.deadlines.values().min().copied()
+    }
+
     /// Leases whose deadline has passed, sorted.
     pub(crate) fn expired(&self, now: Instant) -> Vec<u64> {
         let mut v: Vec<u64> = self

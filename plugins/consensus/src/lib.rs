@@ -47,7 +47,9 @@ use types::Raft;
 /// Most forwarding hops of one request (a leader change mid-flight costs one or two).
 const MAX_HOPS: u8 = 4;
 /// How often the leader checks leases.
-const LEASE_TICK: Duration = Duration::from_millis(100);
+/// The longest the leader's lease clock sleeps without looking at the state machine's leases
+/// (a lease granted through another path than this node's `LeaseGrant` is seen this late).
+const LEASE_RESYNC: Duration = Duration::from_secs(1);
 /// Most client commands in one batch entry.
 const MAX_BATCH: usize = 1024;
 /// Most estimated bytes of commands in one batch entry (the WAL takes records to 4 MiB and
@@ -71,7 +73,7 @@ type Pending = (
 pub struct ConsensusConfig {
     /// Initial voters (node ids); default: the first three nodes of the cluster file.
     pub voters: Vec<String>,
-    /// Leader heartbeat interval (default 100 ms).
+    /// Leader heartbeat interval (default 200 ms).
     pub heartbeat_ms: u64,
     /// Election timeout range (default 500..900 ms): a voter that hears from no leader for
     /// a random time in this range (drawn again after every attempt) asks for pre-votes.
@@ -100,7 +102,7 @@ impl ConsensusConfig {
             self.voters = nodes.iter().take(3).cloned().collect();
         }
         let or = |v: u64, d: u64| if v == 0 { d } else { v };
-        self.heartbeat_ms = or(self.heartbeat_ms, 100);
+        self.heartbeat_ms = or(self.heartbeat_ms, 200);
         self.election_min_ms = or(self.election_min_ms, 500);
         self.election_max_ms = or(self.election_max_ms, 900);
         self.snapshot_every = or(self.snapshot_every, 100_000);
@@ -142,6 +144,8 @@ struct Inner {
     log: LogStore,
     sm: SmStore,
     leases: Mutex<LeaseTimer>,
+    /// Wakes the lease clock when a lease is granted.
+    lease_wake: Arc<tokio::sync::Notify>,
     recovery: LogRecovery,
     /// Ids for the writes this node receives from clients.
     tagger: Tagger,
@@ -715,6 +719,8 @@ impl Inner {
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
                         .keep_alive(*id, *ttl_ms, Instant::now());
+                    // Its deadline may be earlier than the one the lease clock sleeps until.
+                    self.lease_wake.notify_one();
                 }
                 Ok(r)
             }
@@ -1104,17 +1110,25 @@ async fn initializer(weak: Weak<Inner>) {
     }
 }
 
-/// The leader's lease clock: propose the expiry of leases whose TTL ran out. It ticks only
-/// while this node leads; a follower waits for a change of Raft's metrics instead (an idle
-/// follower must not wake ten times a second for nothing).
+/// The leader's lease clock: propose the expiry of leases whose TTL ran out. On the leader
+/// it sleeps until the earliest deadline (at most [`LEASE_RESYNC`]; a grant wakes it); a
+/// follower waits for a change of Raft's metrics instead. No fixed tick: an idle cluster's
+/// leader wakes about once per keep-alive period, not ten times a second.
 async fn lease_loop(weak: Weak<Inner>) {
     let Some(mut rx) = weak.upgrade().map(|i| i.raft.metrics()) else {
         return;
     };
-    let mut tick = tokio::time::interval(LEASE_TICK);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut next = Instant::now();
     loop {
-        tick.tick().await;
+        {
+            let Some(inner) = weak.upgrade() else { return };
+            let wake = inner.lease_wake.clone();
+            drop(inner);
+            tokio::select! {
+                _ = tokio::time::sleep_until(next) => {}
+                _ = wake.notified() => {}
+            }
+        }
         let Some(inner) = weak.upgrade() else { return };
         let m = inner.metrics();
         if m.state != ServerState::Leader || m.current_leader != Some(inner.my_id) {
@@ -1134,7 +1148,7 @@ async fn lease_loop(weak: Weak<Inner>) {
                     break;
                 }
             }
-            tick.reset();
+            next = Instant::now();
             continue;
         }
         let leases: BTreeMap<u64, u64> = inner.sm.read(|s| {
@@ -1148,6 +1162,12 @@ async fn lease_loop(weak: Weak<Inner>) {
         let expired = {
             let mut t = inner.leases.lock().unwrap_or_else(|p| p.into_inner());
             t.sync(m.current_term, now, &leases);
+            // A deadline already past is being proposed below: look again in 100 ms.
+            next = match t.next_deadline() {
+                Some(d) if d <= now => now + Duration::from_millis(100),
+                Some(d) => d.min(now + LEASE_RESYNC),
+                None => now + LEASE_RESYNC,
+            };
             t.expired(now)
         };
         if expired.is_empty() {
@@ -1239,6 +1259,7 @@ impl Plugin for ConsensusPlugin {
             log,
             sm,
             leases: Mutex::new(LeaseTimer::default()),
+            lease_wake: Arc::default(),
             recovery,
             tagger: Tagger::new(),
             contact: Mutex::new(Instant::now()),
@@ -1408,12 +1429,16 @@ impl Plugin for ConsensusPlugin {
 /// election only if a majority would vote for it. A node that cannot win (cut off, stale
 /// log, just restarted while the leader is fine) thus never raises the term and never makes
 /// a working leader step down.
+///
+/// No fixed tick: a follower sleeps until its timeout would run out (each message from the
+/// leader pushes that back, so it wakes about once per timeout, not every few ms), and the
+/// leader, a learner or a non-voter waits for a change of Raft's metrics.
 async fn election_loop(weak: Weak<Inner>) {
-    let Some((min, max, tick)) = weak.upgrade().map(|i| {
+    let Some((min, max, mut rx)) = weak.upgrade().map(|i| {
         (
             i.cfg.election_min_ms,
             i.cfg.election_max_ms,
-            Duration::from_millis((i.cfg.heartbeat_ms / 2).clamp(5, 50)),
+            i.raft.metrics(),
         )
     }) else {
         return;
@@ -1421,16 +1446,30 @@ async fn election_loop(weak: Weak<Inner>) {
     let draw = || Duration::from_millis(rand::Rng::gen_range(&mut rand::thread_rng(), min..max));
     let mut timeout = draw();
     loop {
-        tokio::time::sleep(tick).await;
         let Some(inner) = weak.upgrade() else { return };
         let m = inner.metrics();
         let mem = m.membership_config.membership();
         let voter = mem.voter_ids().any(|v| v == inner.my_id);
         if !voter || m.state == ServerState::Leader || m.state == ServerState::Shutdown {
-            inner.touch();
+            drop(inner);
+            if rx.changed().await.is_err() {
+                return;
+            }
+            rx.borrow_and_update();
+            if let Some(inner) = weak.upgrade() {
+                // Leading or not voting until now: the timeout counts from this change.
+                inner.touch();
+            }
             continue;
         }
-        if inner.quiet_for() < timeout {
+        let quiet = inner.quiet_for();
+        if quiet < timeout {
+            drop(inner);
+            // Also wake on a metrics change: this node may have become leader or left.
+            tokio::select! {
+                _ = tokio::time::sleep(timeout - quiet) => {}
+                r = rx.changed() => if r.is_err() { return },
+            }
             continue;
         }
         inner.touch();

@@ -74,11 +74,21 @@ struct Inner {
     sessions: Sessions<Campaign>,
     /// Every election as this node last read it: (name, leader, candidates).
     view: Mutex<Vec<(String, Option<LeaderInfo>, usize)>>,
+    /// The panel was asked for: the view is refreshed while someone looks (see
+    /// [`refresh_view`]), not read from consensus every 2 s by every idle node.
+    watched: Arc<tokio::sync::Notify>,
 }
 
 /// The plugin.
 pub struct ElectionPlugin {
     inner: Arc<Inner>,
+}
+
+impl Drop for ElectionPlugin {
+    fn drop(&mut self) {
+        // Ends a `refresh_view` waiting for a look: it finds the plugin gone.
+        self.inner.watched.notify_one();
+    }
 }
 
 impl Inner {
@@ -272,9 +282,18 @@ pub async fn observe(
     }
 }
 
+/// Re-read every election for the panel every [`VIEW_REFRESH`] while the panel is being
+/// asked for (the dashboard asks twice a second while it is open); asleep otherwise. The
+/// first look after a quiet time shows the view of the last refresh and starts a new one.
 async fn refresh_view(weak: Weak<Inner>) {
     loop {
-        tokio::time::sleep(VIEW_REFRESH).await;
+        // Wait for a look (the permit of one made during the last sleep counts). The task
+        // holds the `Notify`, not the plugin, so a stopped plugin is still dropped; its
+        // last look ends the wait and the upgrade below ends the task.
+        let Some(watched) = weak.upgrade().map(|i| i.watched.clone()) else {
+            return;
+        };
+        watched.notified().await;
         let Some(inner) = weak.upgrade() else { return };
         let Ok((kvs, _)) = inner.cx.range(PREFIX, true).await else {
             continue;
@@ -287,6 +306,8 @@ async fn refresh_view(weak: Weak<Inner>) {
             })
             .collect();
         *inner.view.lock().unwrap_or_else(|p| p.into_inner()) = view;
+        drop(inner);
+        tokio::time::sleep(VIEW_REFRESH).await;
     }
 }
 
@@ -301,6 +322,7 @@ impl Plugin for ElectionPlugin {
             cx: Consensus::new(ctx.rpc.clone()),
             sessions: Sessions::default(),
             view: Mutex::new(Vec::new()),
+            watched: Arc::default(),
         });
         tokio::spawn(refresh_view(Arc::downgrade(&inner)));
         Ok(ElectionPlugin { inner })
@@ -332,6 +354,7 @@ impl Plugin for ElectionPlugin {
 
     fn panel(&self) -> Option<Panel> {
         let i = &self.inner;
+        i.watched.notify_one();
         let view = i.view.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let mine = i.sessions.list();
         let leading = mine.iter().filter(|(_, c)| c.leading).count();
