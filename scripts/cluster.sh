@@ -45,7 +45,9 @@ start() {
   if pid_of "$n" >/dev/null; then log "$n already running"; return; fi
   # Nodes start with transparent huge pages off (an idle heap would be resident 2 MiB at a
   # time); DSYS_HUGE_PAGES=1 in the environment keeps them on.
-  nohup "$BIN" --config "$CONFIG" agent --node "$n" </dev/null >>"$RUN/logs/$n.log" 2>&1 &
+  # DSYS_AGENT_ARGS: extra agent flags, e.g. `--plugins kv` (scripts/bench-cluster.sh).
+  # shellcheck disable=SC2086
+  nohup "$BIN" --config "$CONFIG" agent --node "$n" ${DSYS_AGENT_ARGS:-} </dev/null >>"$RUN/logs/$n.log" 2>&1 &
   echo $! >"$RUN/pids/$n.pid"
   log "started $n (pid $!)"
 }

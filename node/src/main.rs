@@ -168,6 +168,11 @@ struct AgentArgs {
     /// check that is itself killed leaves no agents behind).
     #[arg(long, hide = true)]
     exit_with_parent: bool,
+    /// Run only these plugins (comma-separated names, or `none` for the runtime alone); list
+    /// the plugins they call too. For measuring what each plugin costs
+    /// (`scripts/bench-cluster.sh`); default: every plugin.
+    #[arg(long, value_delimiter = ',')]
+    plugins: Option<Vec<String>>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -1132,10 +1137,26 @@ async fn agent(cli: &Cli, a: &AgentArgs, cfg: Result<ClusterConfig, Fail>) -> Re
         workers = tokio::runtime::Handle::current().metrics().num_workers(),
         "async worker threads (cluster.worker_threads; 0 shares the CPUs among the nodes of a host)"
     );
+    let mut plugins = dsys_node::plugins();
+    if let Some(only) = &a.plugins {
+        let known: Vec<&str> = plugins.iter().map(|p| p.name()).collect();
+        let only: Vec<&str> = only
+            .iter()
+            .map(|s| s.trim())
+            .filter(|s| *s != "none")
+            .collect();
+        if let Some(bad) = only.iter().find(|n| !known.contains(n)) {
+            return Err(usage(format!(
+                "--plugins: no plugin `{bad}` (plugins: {})",
+                known.join(", ")
+            )));
+        }
+        plugins.retain(|p| only.contains(&p.name()));
+    }
     let node = Node::start(NodeOptions {
         config: cfg,
         node_id: a.node.clone(),
-        plugins: dsys_node::plugins(),
+        plugins,
         seed_addrs: vec![],
     })
     .await

@@ -86,6 +86,8 @@ const MAX_BATCH_BYTES: usize = 8 << 20;
 
 /// Zeros written ahead of the records at a time (see the module docs).
 pub(crate) const PREFILL_BYTES: u64 = 1 << 20;
+/// The writer's batch buffer keeps at most this much capacity once a burst is over.
+const KEEP_BUF_BYTES: usize = 64 << 10;
 
 /// Batches of at least this many bytes are appended without pre-filling (see `prefill`).
 const PREFILL_MAX_BATCH: u64 = 64 << 10;
@@ -706,7 +708,7 @@ fn open_sync(cfg: &WalConfig) -> Result<(WalRecovery, Writer, u64, Arc<Shared>),
         file: Arc::new(file),
         seg_len: active.len,
         prefilled,
-        buf: Vec::with_capacity(1 << 20),
+        buf: Vec::new(),
         buf_last: last,
         written: last,
         next_expected: next_lsn,
@@ -1038,6 +1040,10 @@ impl Writer {
             self.prefilled = self.prefilled.max(self.seg_len);
             self.written = self.buf_last;
             self.buf.clear();
+            // A burst grew the batch buffer; a small batch after it gives the memory back.
+            if n < KEEP_BUF_BYTES as u64 && self.buf.capacity() > KEEP_BUF_BYTES {
+                self.buf.shrink_to(KEEP_BUF_BYTES);
+            }
             self.shared.bytes_written.fetch_add(n, Ordering::Relaxed);
             self.shared
                 .records
