@@ -171,7 +171,7 @@ struct Inner {
     cfg: CacheConfig,
     limits: Limits,
     store: Mutex<Store>,
-    expiry: Expiry,
+    expiry: Arc<Expiry>,
     port: AtomicU16,
     clients: AtomicUsize,
     repl_tx: Mutex<HashMap<String, ReplQueue>>,
@@ -1453,7 +1453,7 @@ impl Plugin for CachePlugin {
             cfg,
             limits,
             store: Mutex::new(store),
-            expiry: Expiry::default(),
+            expiry: Arc::default(),
             port: AtomicU16::new(bound),
             clients: AtomicUsize::new(0),
             repl_tx: Mutex::new(HashMap::new()),
@@ -1466,31 +1466,39 @@ impl Plugin for CachePlugin {
         });
         let (stop_tx, stop_rx) = watch::channel(());
         let mut tasks = vec![tokio::spawn(accept_loop(inner.clone(), listener, stop_rx))];
+        // Hand-off follows every change of the membership view, including the ones no
+        // cluster event reports (a restarting member is out of the ring while it proves
+        // itself, and comes back with an empty cache).
+        inner.maybe_hand_off();
         let weak = Arc::downgrade(&inner);
         let mut view = inner.ctx.membership.watch();
         tasks.push(tokio::spawn(async move {
+            while view.changed().await.is_ok() {
+                let Some(inner) = weak.upgrade() else { return };
+                inner.maybe_hand_off();
+            }
+        }));
+        let weak = Arc::downgrade(&inner);
+        let expiry = inner.expiry.clone();
+        tasks.push(tokio::spawn(async move {
             // Active expiry at Redis' 10 Hz while keys with a TTL exist; otherwise no timer:
-            // the loop sleeps until a TTL is set (see `StoreGuard`) or membership changes.
+            // the loop sleeps until a TTL is set (see `StoreGuard`).
             let mut tick = tokio::time::interval(Duration::from_millis(100));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 let expiring = {
                     let Some(inner) = weak.upgrade() else { return };
+                    // The bare lock: the guard's wake-up is for this loop's sleep.
                     let store = inner.store.lock().unwrap_or_else(|p| p.into_inner());
                     let expiring = store.volatile_len() > 0;
-                    inner.expiry.asleep.store(!expiring, Ordering::Relaxed);
+                    expiry.asleep.store(!expiring, Ordering::Relaxed);
                     expiring
                 };
-                let wake = match weak.upgrade() {
-                    Some(inner) => inner,
-                    None => return,
-                };
-                tokio::select! {
-                    _ = tick.tick(), if expiring => {}
-                    _ = wake.expiry.wake.notified(), if !expiring => {}
-                    r = view.changed() => if r.is_err() { return },
+                if expiring {
+                    tick.tick().await;
+                } else {
+                    expiry.wake.notified().await;
                 }
-                drop(wake);
                 let Some(inner) = weak.upgrade() else { return };
                 // Redis' active expiry: repeat while a quarter of the sample was expired.
                 for _ in 0..16 {
@@ -1499,7 +1507,6 @@ impl Plugin for CachePlugin {
                         break;
                     }
                 }
-                inner.maybe_hand_off();
             }
         }));
         Ok(CachePlugin {
